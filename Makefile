@@ -1,0 +1,22 @@
+# The two commands a new user needs:
+#   make demo   set up, then train the tiny task locally (a few minutes on 2 CPU cores)
+#   make test   set up, then run every check and test
+.PHONY: setup demo test lint protos clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/lpreg local examples/tiny/config.yaml
+
+test: setup
+	@bash scripts/test.sh
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy lpreg_core
+
+protos: setup
+	.venv/bin/python scripts/gen_protos.py
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,248 @@
+"""Peak memory and time of the LM-head statistics Lp-Reg needs: naive full logits vs fused chunks.
+
+Both paths compute, for N tokens with hidden size H and vocabulary V, the log-prob of the sampled
+token (with gradient to the hidden states and the LM-head weight), the entropy and the min-p proxy
+log-prob, then run backward through sum(w * log_probs):
+
+  naive  the reference's way: full (N, V) logits, verl's logprobs_from_logits_v2 and
+         entropy_from_logits, and the authors' apply_min_p clone-and-mask for the proxy.
+  fused  lpreg_core.loss.token_stats_from_hidden: one (chunk, V) block at a time, recomputed in
+         backward.
+
+Each path runs in its own subprocess, so its peak RSS (getrusage ru_maxrss of that process) is its
+own. The weight (V x H) and its gradient are in both peaks. One JSON object goes to stdout.
+
+    .venv/bin/python benchmarks/bench_lpreg_loss.py            # N=2048, H=896, V=151936 (Qwen2.5-0.5B head)
+    .venv/bin/python benchmarks/bench_lpreg_loss.py --quick    # N=512, under a minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from lpreg_core.loss import DEFAULT_CHUNK_SIZE, token_stats_from_hidden  # noqa: E402
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+_NUM_WEIGHT_ROWS_COMPARED = 4096
+"""Rows of the (V, H) weight gradient written out for the comparison (all of it would be GBs)."""
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic hidden states, head weight, tokens and loss weights with LM-like logits."""
+    gen = torch.Generator().manual_seed(args.seed)
+    dtype = _DTYPES[args.dtype]
+    hidden = torch.randn(args.n, args.hidden, generator=gen).to(dtype)
+    # Logit standard deviation about 3, so min-p at kappa=0.02 keeps a few dozen tokens per row.
+    # Scaled in place: a temporary copy of the weight would inflate both peaks by V * H * 4 bytes.
+    weight = torch.randn(args.vocab, args.hidden, generator=gen).mul_(3.0 / args.hidden**0.5)
+    weight = weight.to(dtype)
+    tokens = torch.randint(0, args.vocab, (args.n,), generator=gen)
+    loss_weights = torch.randn(args.n, generator=gen, dtype=torch.float64).to(dtype)
+    return hidden.requires_grad_(), weight.requires_grad_(), tokens, loss_weights
+
+
+def _naive_stats(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, args: argparse.Namespace
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-logits path following verl 0.3 / the Lp-Reg fork (dp_actor + torch_functional)."""
+    logits = hidden @ weight.t()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    scaled = logits / args.temperature
+    # logprobs_from_logits_v2: gather minus a per-row logsumexp loop.
+    token_logits = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    log_probs = token_logits - torch.stack([torch.logsumexp(row, dim=-1) for row in scaled])
+    with torch.no_grad():
+        # entropy_from_logits
+        probs = torch.softmax(scaled, dim=-1)
+        entropy = torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(dim=-1)
+        del probs
+        # apply_min_p (chunks of 4096 rows, clone, softmax, mask to -1e4), then / T and log-prob.
+        filtered_chunks = []
+        for chunk in torch.split(logits.detach(), 4096, dim=0):
+            cloned = chunk.clone()
+            chunk_probs = torch.softmax(cloned, dim=-1)
+            threshold = args.kappa * torch.amax(chunk_probs, dim=-1, keepdim=True)
+            cloned[chunk_probs < threshold] = -1e4
+            filtered_chunks.append(cloned)
+        filtered = torch.cat(filtered_chunks, dim=0)
+        del filtered_chunks
+        filtered.div_(args.temperature)
+        proxy = filtered.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.stack(
+            [torch.logsumexp(row, dim=-1) for row in filtered]
+        )
+        del filtered
+    return log_probs, entropy, proxy
+
+
+def _worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    hidden, weight, tokens, loss_weights = _inputs(args)
+    setup_rss = _peak_rss_bytes()
+    start = time.perf_counter()
+    if args.worker == "naive":
+        log_probs, entropy, proxy = _naive_stats(hidden, weight, tokens, args)
+    else:
+        stats = token_stats_from_hidden(
+            hidden,
+            weight,
+            tokens,
+            temperature=args.temperature,
+            kappa=args.kappa,
+            chunk_size=args.chunk_size,
+        )
+        log_probs, entropy, proxy = stats.log_probs, stats.entropy, stats.proxy_log_probs
+    forward_s = time.perf_counter() - start
+    (log_probs * loss_weights.to(log_probs.dtype)).sum().backward()
+    total_s = time.perf_counter() - start
+    assert hidden.grad is not None and weight.grad is not None
+    result = {
+        "forward_s": forward_s,
+        "total_s": total_s,
+        "setup_rss_bytes": setup_rss,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "log_probs": log_probs.detach(),
+        "entropy": entropy.detach(),
+        "proxy_log_probs": proxy.detach(),
+        "grad_hidden": hidden.grad,
+        "grad_weight_rows": torch.cat(
+            [weight.grad[:_NUM_WEIGHT_ROWS_COMPARED], weight.grad[tokens]], dim=0
+        ),
+    }
+    torch.save(result, args.out)
+
+
+def _run_worker(kind: str, args: argparse.Namespace, out: Path) -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--out",
+        str(out),
+        "--n",
+        str(args.n),
+        "--hidden",
+        str(args.hidden),
+        "--vocab",
+        str(args.vocab),
+        "--dtype",
+        args.dtype,
+        "--chunk-size",
+        str(args.chunk_size),
+        "--threads",
+        str(args.threads),
+        "--temperature",
+        str(args.temperature),
+        "--kappa",
+        str(args.kappa),
+        "--seed",
+        str(args.seed),
+    ]
+    subprocess.run(cmd, check=True)
+    return torch.load(out)
+
+
+def _max_abs_diffs(naive: dict, fused: dict) -> dict[str, float]:
+    diffs = {}
+    for key in ("log_probs", "entropy", "grad_hidden", "grad_weight_rows"):
+        diffs[key] = float((naive[key].double() - fused[key].double()).abs().max())
+    # Filtered tokens sit near -1e4, where float32 spacing is 1e-3: compare kept tokens absolutely.
+    kept = naive["proxy_log_probs"] > -1e3
+    diffs["proxy_log_probs_kept"] = float(
+        (naive["proxy_log_probs"][kept].double() - fused["proxy_log_probs"][kept].double())
+        .abs()
+        .max()
+    )
+    filtered = ~kept
+    diffs["proxy_log_probs_filtered_rel"] = (
+        float(
+            (
+                (naive["proxy_log_probs"][filtered].double() - fused["proxy_log_probs"][filtered].double())
+                / naive["proxy_log_probs"][filtered].double().abs()
+            )
+            .abs()
+            .max()
+        )
+        if filtered.any()
+        else 0.0
+    )
+    return diffs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N=512 (a smoke run under a minute)")
+    parser.add_argument("--n", type=int, default=None, help="tokens (default 2048, 512 with --quick)")
+    parser.add_argument("--hidden", type=int, default=896, help="hidden size H")
+    parser.add_argument("--vocab", type=int, default=151936, help="vocabulary size V")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="fused rows per chunk")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--kappa", type=float, default=0.02)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--order", choices=["naive-first", "fused-first"], default="naive-first")
+    parser.add_argument("--worker", choices=["naive", "fused"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.n is None:
+        args.n = 512 if args.quick else 2048
+    if args.worker:
+        _worker(args)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench_lpreg_") as tmp:
+        kinds = ["naive", "fused"] if args.order == "naive-first" else ["fused", "naive"]
+        results = {kind: _run_worker(kind, args, Path(tmp) / f"{kind}.pt") for kind in kinds}
+    naive, fused = results["naive"], results["fused"]
+    diffs = _max_abs_diffs(naive, fused)
+    report = {
+        "n": args.n,
+        "hidden": args.hidden,
+        "vocab": args.vocab,
+        "dtype": args.dtype,
+        "chunk_size": args.chunk_size,
+        "threads": args.threads,
+        "temperature": args.temperature,
+        "kappa": args.kappa,
+        "device": "cpu",
+        "torch": torch.__version__,
+        "naive_peak_rss_bytes": naive["peak_rss_bytes"],
+        "fused_peak_rss_bytes": fused["peak_rss_bytes"],
+        "peak_mem_ratio": fused["peak_rss_bytes"] / naive["peak_rss_bytes"],
+        "naive_setup_rss_bytes": naive["setup_rss_bytes"],
+        "fused_setup_rss_bytes": fused["setup_rss_bytes"],
+        "peak_mem_ratio_above_setup": (fused["peak_rss_bytes"] - fused["setup_rss_bytes"])
+        / (naive["peak_rss_bytes"] - naive["setup_rss_bytes"]),
+        "naive_s": naive["total_s"],
+        "fused_s": fused["total_s"],
+        "time_ratio": fused["total_s"] / naive["total_s"],
+        "naive_forward_s": naive["forward_s"],
+        "fused_forward_s": fused["forward_s"],
+        "max_abs_diff": max(v for k, v in diffs.items() if not k.endswith("_rel")),
+        "max_abs_diff_by_output": diffs,
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

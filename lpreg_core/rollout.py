@@ -1,0 +1,272 @@
+"""The rollout wire schema: encoding, decoding and validation of stream entries.
+
+Prompt tasks and rollout groups cross process (and machine) boundaries as protobuf bytes
+(protos/lpreg/v1/rollout.proto). Whatever arrives is untrusted: a generator may run a different
+build, a bit may flip, someone may XADD by hand. ``decode_task`` and ``decode_group`` therefore
+accept any bytes and either return a message that satisfies every invariant the learner relies on,
+or raise :class:`InvalidEntry` with a reason from :data:`DLQ_REASONS` that the transport records in
+the dead-letter stream. They never raise anything else.
+
+Example::
+
+    data = encode_group(group)
+    try:
+        group = decode_group(data, max_bytes=16 << 20, vocab_size=32000, run_id="tiny")
+    except InvalidEntry as e:
+        dead_letter(data, reason=e.reason, detail=e.detail)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from lpreg_core.wire.lpreg.v1 import rollout_pb2
+
+SCHEMA_VERSION: Final = 1
+
+# Why an entry was dead-lettered; services/common/metrics.DLQ_REASONS labels the counter with these.
+DLQ_REASONS: Final = ("decode", "schema_version", "validate", "too_large")
+
+# log_softmax rounding can give the most likely token a log-probability a hair above 0; anything
+# larger means the producer sent probabilities, logits or garbage instead of log-probabilities.
+LOGPROB_POSITIVE_TOLERANCE: Final = 1e-3
+
+DEFAULT_MAX_TOKENS: Final = 1_000_000
+
+_FINISH_REASONS: Final = frozenset(rollout_pb2.FinishReason.values())
+
+
+class InvalidEntry(Exception):
+    """A stream entry that must not be used; ``reason`` is one of :data:`DLQ_REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in DLQ_REASONS:
+            raise ValueError(
+                f"unknown dead-letter reason {reason!r}; expected one of {DLQ_REASONS}"
+            )
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[InvalidEntry], tuple[str, str]]:
+        return (type(self), (self.reason, self.detail))
+
+
+def _stamp_schema_version(message: rollout_pb2.PromptTask | rollout_pb2.RolloutGroup) -> None:
+    if message.schema_version == 0:
+        message.schema_version = SCHEMA_VERSION
+    elif message.schema_version != SCHEMA_VERSION:
+        raise ValueError(
+            f"cannot encode a {type(message).__name__} with schema_version "
+            f"{message.schema_version}; this build writes version {SCHEMA_VERSION}"
+        )
+
+
+def encode_task(task: rollout_pb2.PromptTask) -> bytes:
+    """Serialise a prompt task; an unset ``schema_version`` is stamped with SCHEMA_VERSION in place."""
+    _stamp_schema_version(task)
+    return task.SerializeToString()
+
+
+def encode_group(group: rollout_pb2.RolloutGroup) -> bytes:
+    """Serialise a rollout group; an unset ``schema_version`` is stamped with SCHEMA_VERSION in place."""
+    _stamp_schema_version(group)
+    return group.SerializeToString()
+
+
+def _as_bytes(data: object, max_bytes: int) -> bytes:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise InvalidEntry("decode", f"payload is {type(data).__name__}, not bytes")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_bytes:
+        raise InvalidEntry("too_large", f"payload of {size} bytes exceeds the limit of {max_bytes}")
+    return bytes(data)
+
+
+def _parse(message: rollout_pb2.PromptTask | rollout_pb2.RolloutGroup, data: bytes) -> None:
+    try:
+        message.ParseFromString(data)
+    except DecodeError as e:
+        raise InvalidEntry(
+            "decode", f"not a valid {type(message).__name__} ({len(data)} bytes): {e}"
+        ) from None
+
+
+def _check_schema_version(version: int, what: str) -> None:
+    if version != SCHEMA_VERSION:
+        raise InvalidEntry(
+            "schema_version",
+            f"{what} has schema_version {version}; this build reads version {SCHEMA_VERSION}",
+        )
+
+
+def _require_ids(message: object, names: tuple[str, ...], what: str) -> None:
+    for name in names:
+        if not getattr(message, name):
+            raise InvalidEntry("validate", f"{what} has an empty {name}")
+
+
+def _check_run_id(actual: str, expected: str | None, what: str) -> None:
+    if expected is not None and actual != expected:
+        raise InvalidEntry("validate", f"{what} belongs to run {actual!r}, not {expected!r}")
+
+
+def validate_task(task: rollout_pb2.PromptTask, *, run_id: str | None = None) -> None:
+    """Raise InvalidEntry unless ``task`` is a prompt task a generator can act on."""
+    _check_schema_version(task.schema_version, "prompt task")
+    _require_ids(task, ("run_id", "task_id", "prompt_id"), "prompt task")
+    what = f"prompt task {task.task_id!r}"
+    _check_run_id(task.run_id, run_id, what)
+    if task.num_samples < 1:
+        raise InvalidEntry("validate", f"{what} asks for {task.num_samples} samples")
+    if task.max_new_tokens < 1:
+        raise InvalidEntry("validate", f"{what} has max_new_tokens {task.max_new_tokens}")
+    if not (math.isfinite(task.temperature) and task.temperature > 0.0):
+        raise InvalidEntry("validate", f"{what} has temperature {task.temperature}")
+    if not math.isfinite(task.issued_at):
+        raise InvalidEntry("validate", f"{what} has issued_at {task.issued_at}")
+
+
+def decode_task(
+    data: bytes, *, max_bytes: int, run_id: str | None = None
+) -> rollout_pb2.PromptTask:
+    """Decode and validate a prompt task; raises only InvalidEntry, whatever ``data`` holds.
+
+    ``run_id``, when given, must match the task's run id.
+    """
+    raw = _as_bytes(data, max_bytes)
+    task = rollout_pb2.PromptTask()
+    _parse(task, raw)
+    validate_task(task, run_id=run_id)
+    return task
+
+
+def _check_token_ids(ids: np.ndarray, vocab_size: int | None, what: str) -> None:
+    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+        raise InvalidEntry(
+            "validate", f"{what} has token id {int(ids.max())} >= vocab_size {vocab_size}"
+        )
+
+
+def _validate_completion(c: rollout_pb2.Completion, vocab_size: int | None, what: str) -> None:
+    num_tokens = len(c.token_ids)
+    if num_tokens == 0:
+        raise InvalidEntry("validate", f"{what} has no tokens")
+    if len(c.logprobs) != num_tokens or len(c.versions) != num_tokens:
+        raise InvalidEntry(
+            "validate",
+            f"{what} has {num_tokens} tokens but {len(c.logprobs)} logprobs and "
+            f"{len(c.versions)} versions",
+        )
+    _check_token_ids(np.fromiter(c.token_ids, dtype=np.uint32, count=num_tokens), vocab_size, what)
+    logprobs = np.fromiter(c.logprobs, dtype=np.float64, count=num_tokens)
+    if not np.isfinite(logprobs).all():
+        raise InvalidEntry("validate", f"{what} has a non-finite logprob")
+    if float(logprobs.max()) > LOGPROB_POSITIVE_TOLERANCE:
+        raise InvalidEntry(
+            "validate", f"{what} has logprob {float(logprobs.max())} > 0 (not a log-probability)"
+        )
+    versions = np.fromiter(c.versions, dtype=np.uint64, count=num_tokens)
+    if num_tokens > 1 and not (versions[1:] >= versions[:-1]).all():
+        raise InvalidEntry(
+            "validate", f"{what} has policy versions that decrease along the sequence"
+        )
+    if not math.isfinite(c.reward):
+        raise InvalidEntry("validate", f"{what} has reward {c.reward}")
+    if c.finish_reason not in _FINISH_REASONS:
+        raise InvalidEntry("validate", f"{what} has unknown finish_reason {c.finish_reason}")
+
+
+def validate_group(
+    group: rollout_pb2.RolloutGroup,
+    *,
+    vocab_size: int | None,
+    run_id: str | None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> None:
+    """Raise InvalidEntry unless ``group`` is safe to train on.
+
+    Checks: schema version; non-empty run/rollout/task/prompt/generator ids; ``run_id`` match (when
+    given); the group's vocab_size equals ``vocab_size`` and every prompt and completion token id is
+    below it (when given); at least one prompt token and one completion; per completion at least
+    one token and as many logprobs and versions as tokens, finite logprobs <= 0 (up to
+    LOGPROB_POSITIVE_TOLERANCE), versions non-decreasing along the sequence (weights may change
+    mid-sequence, never backwards), a finite reward and a known finish reason; finite timings;
+    at most ``max_tokens`` tokens in all (prompt + completions), else reason ``too_large``.
+
+    Versions are not compared with issue_version: a generator may legitimately sample with weights
+    older than the version current at issue time.
+    """
+    _check_schema_version(group.schema_version, "rollout group")
+    _require_ids(
+        group, ("run_id", "rollout_id", "task_id", "prompt_id", "generator_id"), "rollout group"
+    )
+    what = f"rollout group {group.rollout_id!r}"
+    _check_run_id(group.run_id, run_id, what)
+    if vocab_size is not None and group.vocab_size != vocab_size:
+        raise InvalidEntry(
+            "validate",
+            f"{what} was sampled with vocab_size {group.vocab_size}, the learner has {vocab_size}",
+        )
+    num_prompt = len(group.prompt_token_ids)
+    if num_prompt == 0:
+        raise InvalidEntry("validate", f"{what} has no prompt tokens")
+    if not group.completions:
+        raise InvalidEntry("validate", f"{what} has no completions")
+    num_tokens = num_prompt + sum(len(c.token_ids) for c in group.completions)
+    if num_tokens > max_tokens:
+        raise InvalidEntry("too_large", f"{what} has {num_tokens} tokens, limit {max_tokens}")
+    _check_token_ids(
+        np.fromiter(group.prompt_token_ids, dtype=np.uint32, count=num_prompt),
+        vocab_size,
+        f"{what} prompt",
+    )
+    for i, completion in enumerate(group.completions):
+        _validate_completion(completion, vocab_size, f"{what} completion {i}")
+    t = group.timings
+    for name, value in (
+        ("timings.queue_s", t.queue_s),
+        ("timings.generate_s", t.generate_s),
+        ("timings.score_s", t.score_s),
+        ("created_at", group.created_at),
+    ):
+        if not math.isfinite(value):
+            raise InvalidEntry("validate", f"{what} has {name} {value}")
+
+
+def decode_group(
+    data: bytes,
+    *,
+    max_bytes: int,
+    vocab_size: int | None,
+    run_id: str | None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> rollout_pb2.RolloutGroup:
+    """Decode and validate a rollout group (see validate_group); raises only InvalidEntry."""
+    raw = _as_bytes(data, max_bytes)
+    group = rollout_pb2.RolloutGroup()
+    _parse(group, raw)
+    validate_group(group, vocab_size=vocab_size, run_id=run_id, max_tokens=max_tokens)
+    return group
+
+
+def group_policy_versions(group: rollout_pb2.RolloutGroup) -> tuple[int, int]:
+    """(oldest, newest) policy version over every sampled token of the group.
+
+    The oldest one decides staleness: a group is as stale as its oldest token.
+    """
+    lo: int | None = None
+    hi: int | None = None
+    for c in group.completions:
+        if not c.versions:
+            continue
+        c_lo, c_hi = min(c.versions), max(c.versions)
+        lo = c_lo if lo is None else min(lo, c_lo)
+        hi = c_hi if hi is None else max(hi, c_hi)
+    if lo is None or hi is None:
+        raise ValueError(f"rollout group {group.rollout_id!r} has no sampled tokens")
+    return lo, hi

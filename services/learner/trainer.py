@@ -1,0 +1,220 @@
+"""One optimiser step of Lp-Reg (or a baseline loss) over a batch of rollout groups.
+
+A step runs in two passes over micro-batches:
+1. no-grad: log-probs of the step-start (proximal) policy, the Lp-Reg proxy (built from the same
+   detached weights, i.e. the step-start policy), and entropy, for every completion token;
+   the regularised set is then ranked over the whole step (LPREG_SPEC section 5);
+2. with grad: the loss of each micro-batch with the step's token count as denominator, so the
+   gradient equals that of one big batch.
+Full (tokens x vocab) logits are never materialised: lpreg_core.loss.token_stats_from_hidden
+works chunk by chunk from the last hidden states and the LM-head weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lpreg_core.advantages import grpo_advantages
+from lpreg_core.config import LearnerConfig, OffPolicyConfig
+from lpreg_core.loss import LpRegConfig, policy_loss, select_regularized, token_stats_from_hidden
+from lpreg_core.wire.lpreg.v1 import rollout_pb2
+
+# Metrics summed over micro-batches (counts); every other metric is a token-weighted mean.
+_SUMMED = ("num_candidates", "num_regularized")
+
+
+@dataclass
+class StepBatch:
+    """A step's completions in a padded (num_sequences, max_completion_len) layout."""
+
+    sequences: list[list[int]]  # prompt + completion token ids
+    prompt_lens: list[int]
+    completion_lens: list[int]
+    tokens: Tensor  # (S, C) completion token ids, 0 on padding
+    mask: Tensor  # (S, C) float, 1 for completion tokens
+    advantages: Tensor  # (S, C) sequence advantage broadcast over its tokens
+    behaviour_log_probs: Tensor  # (S, C)
+    versions: Tensor  # (S, C) policy version that sampled each token
+    rewards: Tensor  # (S,)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def build_batch(groups: list[rollout_pb2.RolloutGroup], advantage_mode: str) -> StepBatch:
+    sequences, prompt_lens, completion_lens = [], [], []
+    seq_adv, rewards, comps = [], [], []
+    for g in groups:
+        r = torch.tensor([[c.reward for c in g.completions]], dtype=torch.float64)
+        adv = grpo_advantages(r, mode=advantage_mode)[0]  # type: ignore[arg-type]
+        for c, a in zip(g.completions, adv.tolist(), strict=True):
+            sequences.append(list(g.prompt_token_ids) + list(c.token_ids))
+            prompt_lens.append(len(g.prompt_token_ids))
+            completion_lens.append(len(c.token_ids))
+            seq_adv.append(a)
+            rewards.append(c.reward)
+            comps.append(c)
+    width = max(completion_lens)
+    num = len(sequences)
+    tokens = torch.zeros((num, width), dtype=torch.long)
+    mask = torch.zeros((num, width))
+    behav = torch.zeros((num, width))
+    versions = torch.zeros((num, width), dtype=torch.long)
+    for i, c in enumerate(comps):
+        n = len(c.token_ids)
+        tokens[i, :n] = torch.tensor(list(c.token_ids), dtype=torch.long)
+        mask[i, :n] = 1.0
+        behav[i, :n] = torch.tensor(list(c.logprobs))
+        versions[i, :n] = torch.tensor(list(c.versions), dtype=torch.long)
+    advantages = torch.tensor(seq_adv, dtype=torch.float32)[:, None] * mask
+    return StepBatch(
+        sequences,
+        prompt_lens,
+        completion_lens,
+        tokens,
+        mask,
+        advantages,
+        behav,
+        versions,
+        torch.tensor(rewards),
+    )
+
+
+def _behaviour_weights(
+    proximal: Tensor, behaviour: Tensor, mask: Tensor, config: OffPolicyConfig
+) -> tuple[Tensor | None, Tensor]:
+    """Per-token importance weights pi_prox / pi_behav (detached) and the updated mask."""
+    if config.type == "none":
+        return None, mask
+    weights = torch.exp(proximal - behaviour) * mask
+    if config.type == "tis":
+        return weights.clamp(max=config.cap), mask
+    keep = (weights <= config.cap).to(mask.dtype)
+    return weights * keep, mask * keep
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, config: LearnerConfig) -> None:
+        self.model = model
+        self.config = config
+        self.loss_config = config.loss
+        opt = config.optimizer
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=opt.lr,
+            betas=opt.betas,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+        )
+        warmup = opt.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        self._decoder = getattr(model, model.base_model_prefix)
+        self._lm_head = model.get_output_embeddings()
+
+    def _micro_batches(self, num: int) -> Iterator[slice]:
+        size = self.config.micro_batch_sequences
+        for start in range(0, num, size):
+            yield slice(start, min(num, start + size))
+
+    def _token_stats(self, batch: StepBatch, rows: slice):
+        """Per-token log-probs, entropy and proxy log-probs of completion tokens in `rows`,
+        scattered into the (rows, C) layout."""
+        seqs = batch.sequences[rows]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            attention[i, : len(s)] = 1
+        hidden = self._decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        mask = batch.mask[rows].bool()
+        # The completion token at absolute position p is predicted by the hidden state at p - 1.
+        row_idx, col_idx = mask.nonzero(as_tuple=True)
+        prompt_lens = torch.tensor(batch.prompt_lens[rows])
+        positions = prompt_lens[row_idx] + col_idx - 1
+        stats = token_stats_from_hidden(
+            hidden[row_idx, positions],
+            self._lm_head.weight,
+            batch.tokens[rows][mask],
+            temperature=self.loss_config.temperature,
+            kappa=getattr(self.loss_config, "kappa", 0.02),
+            threshold_mode=getattr(self.loss_config, "threshold_mode", "minp"),
+            chunk_size=self.config.logit_chunk_size,
+        )
+
+        def scatter(flat: Tensor) -> Tensor:
+            out = torch.zeros(mask.shape, dtype=flat.dtype)
+            return out.index_put((row_idx, col_idx), flat)
+
+        return scatter(stats.log_probs), scatter(stats.entropy), scatter(stats.proxy_log_probs)
+
+    def step(self, batch: StepBatch) -> dict[str, float]:
+        # No dropout in the policy: both passes must see the same function of the weights.
+        self.model.eval()
+        num = len(batch.sequences)
+        with torch.no_grad():
+            parts = [self._token_stats(batch, rows) for rows in self._micro_batches(num)]
+        proximal = torch.cat([p[0] for p in parts])
+        entropy = torch.cat([p[1] for p in parts])
+        proxy = torch.cat([p[2] for p in parts])
+        weights, mask = _behaviour_weights(
+            proximal, batch.behaviour_log_probs, batch.mask, self.config.off_policy
+        )
+        reg_mask = None
+        lp = self.loss_config
+        if isinstance(lp, LpRegConfig) and lp.ranking == "step":
+            _, reg_mask = select_regularized(
+                proximal, proxy, batch.advantages, mask, rho_neg=lp.rho_neg, rho_pos=lp.rho_pos
+            )
+        num_tokens = float(mask.sum())
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        loss_total = 0.0
+        for rows in self._micro_batches(num):
+            log_probs, ent, _ = self._token_stats(batch, rows)
+            loss, metrics = policy_loss(
+                log_probs,
+                proximal[rows],
+                proxy[rows],
+                batch.advantages[rows],
+                mask[rows],
+                config=lp,
+                num_tokens=num_tokens,
+                reg_mask=None if reg_mask is None else reg_mask[rows],
+                behaviour_weights=None if weights is None else weights[rows],
+                entropy=ent,
+            )
+            loss.backward()
+            loss_total += float(loss.detach())
+            share = float(mask[rows].sum()) / max(num_tokens, 1.0)
+            for k, v in metrics.items():
+                val = float(v.detach()) if isinstance(v, Tensor) else float(v)
+                totals[k] = totals.get(k, 0.0) + (val if k in _SUMMED else val * share)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.config.optimizer.grad_clip
+        )
+        self.optimizer.step()
+        lr = float(self.scheduler.get_last_lr()[0])
+        self.scheduler.step()
+        valid = batch.mask.bool()
+        gap = (proximal - batch.behaviour_log_probs)[valid]
+        return {
+            **totals,
+            "loss": loss_total,
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "entropy": float(entropy[valid].mean()),
+            "reward_mean": float(batch.rewards.mean()),
+            "num_tokens": num_tokens,
+            "num_sequences": float(num),
+            "completion_len_mean": float(batch.mask.sum(1).mean()),
+            # Train/inference mismatch of the behaviour log-probs vs the learner's recompute.
+            "logprob_gap_max": float(gap.abs().max()) if gap.numel() else 0.0,
+        }
