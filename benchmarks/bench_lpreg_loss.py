@@ -45,7 +45,9 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(
+    args: argparse.Namespace,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic hidden states, head weight, tokens and loss weights with LM-like logits."""
     gen = torch.Generator().manual_seed(args.seed)
     dtype = _DTYPES[args.dtype]
@@ -176,7 +178,10 @@ def _max_abs_diffs(naive: dict, fused: dict) -> dict[str, float]:
     diffs["proxy_log_probs_filtered_rel"] = (
         float(
             (
-                (naive["proxy_log_probs"][filtered].double() - fused["proxy_log_probs"][filtered].double())
+                (
+                    naive["proxy_log_probs"][filtered].double()
+                    - fused["proxy_log_probs"][filtered].double()
+                )
                 / naive["proxy_log_probs"][filtered].double().abs()
             )
             .abs()
@@ -189,13 +194,19 @@ def _max_abs_diffs(naive: dict, fused: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="N=512 (a smoke run under a minute)")
-    parser.add_argument("--n", type=int, default=None, help="tokens (default 2048, 512 with --quick)")
+    parser.add_argument(
+        "--n", type=int, default=None, help="tokens (default 2048, 512 with --quick)"
+    )
     parser.add_argument("--hidden", type=int, default=896, help="hidden size H")
     parser.add_argument("--vocab", type=int, default=151936, help="vocabulary size V")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="fused rows per chunk")
+    parser.add_argument(
+        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="fused rows per chunk"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--kappa", type=float, default=0.02)

@@ -232,6 +232,11 @@ class ControlConfig(_Section):
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
     )
+    retry_attempts: int = Field(
+        30, ge=1, description="Generator tries to reach the learner before giving up."
+    )
+    retry_backoff_s: float = Field(0.25, gt=0.0, description="First retry delay (doubles each time).")
+    retry_backoff_max_s: float = Field(5.0, gt=0.0, description="Longest retry delay.")
 
 
 class BroadcastConfig(_Section):

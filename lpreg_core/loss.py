@@ -174,7 +174,9 @@ class EntropyBonusConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    type: Literal["entropy_bonus"] = Field("entropy_bonus", description="Loss variant discriminator.")
+    type: Literal["entropy_bonus"] = Field(
+        "entropy_bonus", description="Loss variant discriminator."
+    )
     clip_low: float = Field(0.2, ge=0.0, le=1.0, description=_CLIP_LOW_DESCRIPTION)
     clip_high: float = Field(0.2, ge=0.0, description=_CLIP_HIGH_DESCRIPTION)
     entropy_coef: float = Field(
@@ -447,7 +449,9 @@ class _LogitsStats(torch.autograd.Function):
         return grad.to(logits.dtype), None, None
 
 
-def _log_probs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _log_probs_and_entropy(
+    logits: Tensor, tokens: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     """Differentiable log softmax(z / T)[o_t] and entropy of softmax(z / T) for (..., V) logits."""
     vocab = logits.shape[-1]
     log_probs, entropy = _LogitsStats.apply(
@@ -589,7 +593,9 @@ def _aggregate(
         total = masked.sum()
     elif loss_agg_mode == "seq-mean-token-mean":
         if values.dim() < 1:
-            raise ValueError("seq-mean-token-mean needs (..., T) inputs with sequences in the last axis")
+            raise ValueError(
+                "seq-mean-token-mean needs (..., T) inputs with sequences in the last axis"
+            )
         counts = valid.sum(dim=-1).to(values.dtype)
         total = (masked.sum(dim=-1) / (counts + TOKEN_MEAN_EPS)).sum()
     else:
@@ -683,9 +689,7 @@ def policy_loss(
         per_token_entropy = per_token_entropy * weights
 
     def agg(values: Tensor) -> Tensor:
-        return _aggregate(
-            values, valid, loss_agg_mode=config.loss_agg_mode, denominator=num_tokens
-        )
+        return _aggregate(values, valid, loss_agg_mode=config.loss_agg_mode, denominator=num_tokens)
 
     loss = agg(per_token_pg + per_token_kl + per_token_entropy)
     with torch.no_grad():
@@ -752,7 +756,9 @@ def lp_reg_from_logits(
         denominator = float(valid.shape[0])
 
     def agg(values: Tensor) -> Tensor:
-        return _aggregate(values, valid, loss_agg_mode=config.loss_agg_mode, denominator=denominator)
+        return _aggregate(
+            values, valid, loss_agg_mode=config.loss_agg_mode, denominator=denominator
+        )
 
     per_token_loss = terms.per_token_pg + terms.per_token_kl
     loss = agg(per_token_loss)

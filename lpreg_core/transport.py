@@ -10,6 +10,8 @@ Delivery semantics (both implementations):
 - A prompt task is read by one generator at a time. It stays pending until its rollout group is
   published (``publish_group_and_ack_task``, atomically) or it is acked; a pending task left idle
   for ``claim_idle_ms`` is reclaimed by the next reader and delivered with ``redelivered=True``.
+  A reader's own tasks that it has not published, acked or released are never handed to it again;
+  reclaiming them only renews its claim.
 - The first publish for a task wins: publishing for a task that is no longer pending (already
   published, acked, or reclaimed and published by someone else) writes nothing and returns None.
   A retried publish is therefore harmless.
@@ -75,7 +77,11 @@ class TaskQueue(Protocol):
         ...
 
     def ack_tasks(self, entry_ids: Sequence[str]) -> int:
-        """Give up tasks without publishing a group; returns how many were still pending."""
+        """Drop tasks for good without publishing a group; returns how many were still pending."""
+        ...
+
+    def release_tasks(self, entry_ids: Sequence[str]) -> None:
+        """Stop working on tasks without acking them; they are reclaimed once idle."""
         ...
 
 
@@ -187,6 +193,7 @@ class InMemoryStreams:
         self.on_dead_letter = on_dead_letter
         self.state = state if state is not None else InMemoryState()
         self.num_reclaimed_tasks = 0
+        self._tasks_out: set[str] = set()
         # Sequence number after which the next replay page starts; None once replay is done.
         self._replay_tasks_after: int | None = 0
         self._replay_groups_after: int | None = 0
@@ -279,7 +286,8 @@ class InMemoryStreams:
                             break
                         if now - p.delivered_at >= idle_s:
                             s.pending[entry_id] = _Pending(self.consumer, now)
-                            out.append((entry_id, s.entries[entry_id], True))
+                            if entry_id not in self._tasks_out:
+                                out.append((entry_id, s.entries[entry_id], True))
                     self.num_reclaimed_tasks += len(out)
                 while len(out) < count and s.next_index < len(s.order):
                     entry_id = s.order[s.next_index]
@@ -317,11 +325,16 @@ class InMemoryStreams:
                 )
                 self._ack("prompts", [entry_id])
                 continue
+            self._tasks_out.add(entry_id)
             out.append(Delivery(entry_id, task, redelivered))
         return out
 
     def ack_tasks(self, entry_ids: Sequence[str]) -> int:
+        self._tasks_out.difference_update(entry_ids)
         return self._ack("prompts", entry_ids)
+
+    def release_tasks(self, entry_ids: Sequence[str]) -> None:
+        self._tasks_out.difference_update(entry_ids)
 
     # -- RolloutStream ------------------------------------------------------------------------
 
@@ -329,6 +342,7 @@ class InMemoryStreams:
         self, group: rollout_pb2.RolloutGroup, task_entry_id: str
     ) -> str | None:
         payload = encode_group(group)
+        self._tasks_out.discard(task_entry_id)
         with self.state.cond:
             if self.state.streams["prompts"].pending.pop(task_entry_id, None) is None:
                 return None

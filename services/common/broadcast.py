@@ -479,7 +479,7 @@ class WeightSender:
                 "bytes that do not match the manifest checksum"
             )
 
-    def _abort_epoch(self, reason: str) -> None:
+    def _abort_epoch(self, reason: str, *, failed: bool = True) -> None:
         group, self._group = self._group, None
         if group is None:
             return
@@ -489,11 +489,14 @@ class WeightSender:
             except RuntimeError as e:
                 log.warning("epoch %d: could not mark it aborted in the store: %s", group.epoch, e)
         group.release()
-        log.warning("epoch %d aborted: %s", group.epoch, reason)
+        if failed:
+            log.warning("epoch %d aborted: %s", group.epoch, reason)
+        else:
+            log.info("epoch %d closed", group.epoch)
 
     def close_epoch(self) -> None:
         """Drop the current group (no-op without one); members blocked in it give up promptly."""
-        self._abort_epoch("closed by the learner")
+        self._abort_epoch("closed by the learner", failed=False)
 
     def close(self) -> None:
         """Close the epoch and stop the store. Idempotent."""

@@ -93,6 +93,10 @@ class TransportUnavailable(Exception):
     """Redis could not be reached within the configured retries."""
 
 
+class TransportAuthError(TransportUnavailable):
+    """Redis refused the credentials; retrying cannot help."""
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ***, for messages and logs."""
     try:
@@ -211,6 +215,12 @@ class RedisStreams:
         def once() -> T:
             try:
                 return fn()
+            except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as e:
+                raise TransportAuthError(
+                    f"Redis at {self.safe_url} refused the credentials during {op}: {e} (the "
+                    f"password comes from the variable named by redis.password_env, "
+                    f"{self.config.password_env})"
+                ) from e
             except redis.exceptions.ResponseError as e:
                 if not str(e).startswith("NOGROUP"):
                     raise
@@ -444,7 +454,13 @@ class RedisStreams:
     def read_tasks(self, count: int, block_ms: int) -> list[Delivery[rollout_pb2.PromptTask]]:
         """Up to ``count`` tasks: this consumer's own pending ones on the first call, then tasks
         idle longer than claim_idle_ms (XAUTOCLAIM), then new ones (XREADGROUP, waiting up to
-        ``block_ms``). Reclaimed and replayed tasks have ``redelivered=True``."""
+        ``block_ms``). Reclaimed and replayed tasks have ``redelivered=True``.
+
+        A task stays with this object until it is published, acked or released; it is never
+        handed out twice meanwhile, and each call renews its claim on those that went idle.
+        Generations longer than claim_idle_ms should keep calling read_tasks (or raise
+        claim_idle_ms), or another generator may take the task over; the first group published
+        for a task wins either way."""
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
 
@@ -473,10 +489,13 @@ class RedisStreams:
             ),
         )
         self._claim_cursor = _entry_id(claimed[0])
-        claimed_entries = claimed[1]
+        # Our own tasks still being worked on come back once they idle past claim_idle_ms; the
+        # claim has reset their idle time (keeping them ours), and they must not be handed out
+        # twice.
+        with self._lock:
+            claimed_entries = [e for e in claimed[1] if _entry_id(e[0]) not in self._tasks_out]
+            self.num_reclaimed_tasks += len(claimed_entries)
         if claimed_entries:
-            with self._lock:
-                self.num_reclaimed_tasks += len(claimed_entries)
             logger.info("reclaimed %d idle prompt task(s)", len(claimed_entries))
         out = self._decode_entries(key, group, claimed_entries, True, decode, self._tasks_out)
         remaining = count - len(claimed_entries)
@@ -485,6 +504,12 @@ class RedisStreams:
             new = self._read_new(key, group, remaining, block)
             out += self._decode_entries(key, group, new, False, decode, self._tasks_out)
         return out
+
+    def release_tasks(self, entry_ids: Sequence[str]) -> None:
+        """Stop working on tasks without acking them: they stay pending and are reclaimed (by
+        any generator, this one included) once idle for claim_idle_ms."""
+        with self._lock:
+            self._tasks_out.difference_update(entry_ids)
 
     def ack_tasks(self, entry_ids: Sequence[str]) -> int:
         """Give up tasks without publishing; returns how many were still pending."""

@@ -26,6 +26,7 @@ from lpreg_core.weights import manifest_from_proto
 from lpreg_core.wire.lpreg.v1 import control_pb2, rollout_pb2
 from services.common.auth import load_auth_token
 from services.common.env import learner_address, redis_password, redis_url, store_host_override
+from services.common.grpc_server import ControlError
 from services.common.metrics import serve_metrics
 from services.common.redis_streams import RedisStreams
 from services.generator.backends import GeneratorBackend, SampleRequest, make_backend
@@ -54,6 +55,7 @@ class Generator:
         # it does not spend compute on rollouts that would be dropped as stale.
         self.weights_current = threading.Event()
         self.tokens_generated = 0
+        self.failed = False
         self.in_flight = 0
         self.streams = RedisStreams(
             config.redis,
@@ -73,10 +75,27 @@ class Generator:
             auth_token=load_auth_token(config.control),
             tls_ca_file=config.control.tls_ca_file,
             max_message_bytes=config.control.max_message_bytes,
+            retry_attempts=config.control.retry_attempts,
+            backoff_base_s=config.control.retry_backoff_s,
+            backoff_max_s=config.control.retry_backoff_max_s,
         )
 
     # -- control loop -------------------------------------------------------------------------
     def _control_loop(self) -> None:
+        try:
+            self._follow_events()
+        except ControlError as e:
+            log.error("lost the learner for good: %s", e)
+            self.failed = True
+            self.stop.set()
+
+    def _report(self, version: int, checksum: str, ok: bool, error: str, load_s: float) -> None:
+        try:
+            self.control.report_loaded(version, checksum, ok, error, load_s)
+        except ControlError as e:  # a superseded session re-registers and rejoins
+            log.warning("could not report v%d loaded: %s", version, e)
+
+    def _follow_events(self) -> None:
         for event in self.control.events():
             kind = event.WhichOneof("event")
             if kind == "join":
@@ -113,12 +132,12 @@ class Generator:
             checksum = self.backend.update_weights(manifest, self.config.learner.publish_timeout_s)
         except Exception as e:  # the learner drops us from the epoch; we rejoin the next one
             log.warning("loading weights v%d failed: %s", publish.version, e)
-            self.control.report_loaded(publish.version, "", False, str(e), time.monotonic() - start)
+            self._report(publish.version, "", False, str(e), time.monotonic() - start)
             return
         load_s = time.monotonic() - start
         self.metrics.weight_sync_seconds.labels(phase="receive_apply").observe(load_s)
         self.metrics.weight_version.set(publish.version)
-        self.control.report_loaded(publish.version, checksum, True, "", load_s)
+        self._report(publish.version, checksum, True, "", load_s)
         self.weights_current.set()
         log.info("loaded weights v%d (%.3fs, checksum %s)", publish.version, load_s, checksum[:12])
 
@@ -246,3 +265,5 @@ def run_generator(config: RunConfig, generator_id: str | None = None) -> None:
     signal.signal(signal.SIGTERM, _graceful)
     signal.signal(signal.SIGINT, _graceful)
     gen.run()
+    if gen.failed:
+        raise SystemExit(1)

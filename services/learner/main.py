@@ -28,7 +28,7 @@ from lpreg_core.rollout import SCHEMA_VERSION, group_policy_versions
 from lpreg_core.staleness import Admission, is_stale, staleness
 from lpreg_core.wire.lpreg.v1 import control_pb2, rollout_pb2
 from services.common.auth import load_auth_token
-from services.common.broadcast import WeightSender, resolve_backend
+from services.common.broadcast import WeightSender
 from services.common.env import redis_password, redis_url
 from services.common.grpc_server import build_server
 from services.common.metrics import serve_metrics
@@ -371,8 +371,8 @@ class Learner:
         self.streams.connect()
         self.streams.ensure_groups()
         self.streams.set_version(self.version)
-        backend = resolve_backend(config.broadcast.backend, self.device)
-        sender = WeightSender(config.broadcast.store_host, config.broadcast.store_port, backend)
+        sender = WeightSender(config.broadcast, self.device)
+        backend = sender.backend
         advertise = config.broadcast.advertise_host or config.broadcast.store_host
         self.publisher = WeightPublisher(
             self.registry, sender, config.broadcast, backend, advertise, self.metrics

@@ -66,7 +66,9 @@ class WeightPublisher:
 
     def needs_epoch(self) -> bool:
         alive = {g.generator_id for g in self.registry.alive()}
-        return not self._epoch_ok or alive != set(self._members)
+        # A re-registered generator keeps its id but lost its group: the registry unmarks it.
+        members = {g.generator_id for g in self.registry.members()}
+        return not self._epoch_ok or alive != set(self._members) or members != set(self._members)
 
     def _open_epoch(self, timeout_s: float) -> bool:
         if self._epoch_ok:
@@ -112,6 +114,9 @@ class WeightPublisher:
                 )
                 for gid in dropped:
                     candidates.pop(gid, None)
+                continue
+            except BroadcastFailed as e:
+                log.warning("epoch %d could not be formed: %s", self.epoch, e)
                 continue
             self._members = offsets
             self._epoch_ok = True

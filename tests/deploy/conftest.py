@@ -1,62 +1,9 @@
-"""Shared fixtures of the deploy tests: paths, tools, rendered charts, the real metric names."""
+"""Fixtures of the deploy tests: the chart rendered per values file, tools, the real metric names."""
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
-CHART = DEPLOY / "helm" / "lpreg"
-DASHBOARDS = CHART / "dashboards"
-PROMETHEUS = DEPLOY / "prometheus"
-RULES = PROMETHEUS / "rules" / "lpreg.rules.yml"
-COMPOSE_FILE = REPO / "docker-compose.yml"
-COMPOSE_CONFIG = DEPLOY / "compose" / "config.yaml"
-VENV_BIN = Path(sys.executable).parent
-
-RELEASE = "lpreg-test"
-NAMESPACE = "lpreg-ns"
-KUBE_VERSION = "1.32.0"
-
-# Every values file users are pointed at; None is the chart's defaults.
-VALUES_FILES: dict[str, Path | None] = {
-    "default": None,
-    "gpu": CHART / "examples" / "values-gpu.yaml",
-    "cpu-tiny": CHART / "examples" / "values-cpu-tiny.yaml",
-}
-
-METRIC_NAME = re.compile(r"\blpreg_[a-z0-9_]+\b")
-
-
-def tool(name: str, *, venv: bool) -> str:
-    """Absolute path of a command-line tool, or a test failure saying how to get it."""
-    path = VENV_BIN / name if venv else shutil.which(name)
-    if path is None or not Path(path).exists():
-        where = (
-            f"{VENV_BIN} (pip install -e '.[dev]')"
-            if venv
-            else "PATH (Debian: apt-get install prometheus)"
-        )
-        pytest.fail(f"{name} is required by the deploy tests but was not found in {where}")
-    return str(path)
-
-
-def run_tool(args: list[str], *, cwd: Path = REPO, stdin: bytes | None = None) -> str:
-    """Run a tool; fail the test with its output when it exits non-zero."""
-    proc = subprocess.run(args, cwd=cwd, input=stdin, capture_output=True, timeout=60, check=False)
-    out = proc.stdout.decode() + proc.stderr.decode()
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{out}")
-    return out
+from deployutil import VALUES_FILES, Rendered, load_values, render, tool
 
 
 @pytest.fixture(scope="session")
@@ -64,53 +11,10 @@ def promtool() -> str:
     return tool("promtool", venv=False)
 
 
-def load_values(key: str) -> dict[str, Any]:
-    path = VALUES_FILES[key]
-    return {} if path is None else yaml.safe_load(path.read_text())
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """One rendering of the chart: the parsed objects and the raw text per template."""
-
-    values: dict[str, Any]
-    objects: list[dict[str, Any]]
-    templates: dict[str, str]
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [o for o in self.objects if o["kind"] == kind]
-
-    def one(self, kind: str, name_suffix: str) -> dict[str, Any]:
-        found = [o for o in self.of_kind(kind) if o["metadata"]["name"].endswith(name_suffix)]
-        assert len(found) == 1, f"expected one {kind} *{name_suffix}, got {len(found)}"
-        return found[0]
-
-
-def render(values: dict[str, Any]) -> Rendered:
-    import helm_python
-
-    with helm_python.Chart.load(CHART) as chart:
-        templates = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    objects: list[dict[str, Any]] = []
-    for path, text in sorted(templates.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                objects.append(doc)
-    return Rendered(values=values, objects=objects, templates=templates)
-
-
-_RENDER_CACHE: dict[str, Rendered] = {}
-
-
 @pytest.fixture(scope="session", params=sorted(VALUES_FILES))
 def rendered(request: pytest.FixtureRequest) -> Rendered:
     """The chart rendered with each shipped values file."""
-    key = request.param
-    if key not in _RENDER_CACHE:
-        _RENDER_CACHE[key] = render(load_values(key))
-    return _RENDER_CACHE[key]
+    return render(load_values(request.param))
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,9 @@ from services.common.broadcast import BroadcastError, WeightReceiver, _Deadline 
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data).hexdigest()
+    return hashlib.sha256(
+        tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
+    ).hexdigest()
 
 
 def handle(receiver: WeightReceiver, command: dict[str, Any]) -> dict[str, Any]:

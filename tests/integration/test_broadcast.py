@@ -4,6 +4,8 @@ driven over stdin/stdout. Failures are real: members are SIGKILLed or SIGSTOPped
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +24,9 @@ import torch
 from lpreg_core.weights import WeightManifest, build_manifest, manifest_to_proto
 from services.common.broadcast import (
     BroadcastFailed,
+    ChecksumMismatch,
     MembersMissing,
+    WeightReceiver,
     WeightSender,
 )
 
@@ -32,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_broadcast_worker.py")
 WORKER_START_TIMEOUT_S = 60.0
 REPLY_TIMEOUT_S = 30.0
+WORKER_EXIT_TIMEOUT_S = 10.0
 JOIN_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 10.0
 # Several buckets per publish: 64 KiB buckets over ~1 MB of mixed-dtype weights.
@@ -82,7 +87,9 @@ class Worker:
         try:
             reply = self._replies.get(timeout=timeout_s)
         except queue.Empty:
-            raise AssertionError(f"worker {self.proc.pid} did not answer{self._log_tail()}") from None
+            raise AssertionError(
+                f"worker {self.proc.pid} did not answer{self._log_tail()}"
+            ) from None
         if reply is None:
             raise AssertionError(
                 f"worker {self.proc.pid} exited with {self.proc.wait()}{self._log_tail()}"
@@ -120,14 +127,20 @@ class Worker:
     def signal(self, sig: signal.Signals) -> None:
         os.kill(self.proc.pid, sig)
 
-    def stop(self) -> None:
+    def request_exit(self) -> None:
         if self.proc.poll() is None:
-            try:
+            # A SIGSTOPped worker could not read its exit command.
+            os.kill(self.proc.pid, signal.SIGCONT)
+            with contextlib.suppress(OSError):
                 self.command(op="exit")
-                self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+
+    def stop(self) -> None:
+        self.request_exit()
+        try:
+            self.proc.wait(timeout=WORKER_EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._log.close()
 
 
@@ -145,9 +158,8 @@ def spawn_workers(tmp_path: Path) -> Iterator[Callable[[int], list[Worker]]]:
 
     yield spawn
     for w in workers:
-        if w.proc.poll() is None and w.proc.returncode is None:
-            # A SIGSTOPped worker cannot read its exit command.
-            os.kill(w.proc.pid, signal.SIGCONT)
+        w.request_exit()
+    for w in workers:
         w.stop()
 
 
@@ -235,6 +247,29 @@ def test_a_joining_member_starts_a_new_epoch_with_a_larger_world(
 
 
 @pytest.mark.timeout(120)
+def test_a_checksum_mismatch_is_reported_on_both_sides_and_the_epoch_stays_usable(
+    sender: WeightSender, spawn_workers: Callable[[int], list[Worker]]
+) -> None:
+    (member,) = spawn_workers(1)
+    open_epoch(sender, 1, [member])
+    manifest, flats = build_manifest(1, make_weights(seed=1), BUCKET_BYTES)
+    member.receive(dataclasses.replace(manifest, checksum="0" * 64))
+    with pytest.raises(ChecksumMismatch):
+        sender.send(flats, SEND_TIMEOUT_S)
+    assert member.reply()["error"] == "ChecksumMismatch"
+    assert sender.epoch == 1
+    publish(sender, version=2, members=[member])
+
+
+@pytest.mark.timeout(30)
+def test_join_fails_within_its_deadline_when_the_store_is_unreachable(
+    free_port: Callable[[], int],
+) -> None:
+    with WeightReceiver() as receiver, pytest.raises(BroadcastFailed, match="cannot reach"):
+        receiver.join(1, 1, 2, "127.0.0.1", free_port(), "gloo", timeout_s=1.0)
+
+
+@pytest.mark.timeout(120)
 def test_a_member_that_never_joins_is_reported_missing_and_the_rest_carry_on(
     sender: WeightSender, spawn_workers: Callable[[int], list[Worker]]
 ) -> None:
@@ -303,6 +338,11 @@ def test_a_stuck_member_fails_the_send_at_the_deadline(
 
 
 def _own_resources() -> tuple[int, int]:
+    # Groups dropped mid-operation by earlier tests are released on daemon threads that end when
+    # Gloo times the operation out; wait for them so they are not counted.
+    for thread in threading.enumerate():
+        if thread.name.startswith("lpreg-broadcast-release"):
+            thread.join(SEND_TIMEOUT_S)
     return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
 
 

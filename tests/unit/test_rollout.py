@@ -325,6 +325,22 @@ def test_in_memory_idle_tasks_are_not_reclaimed_early(
     assert b.read_tasks(1, 0) == []
 
 
+def test_in_memory_own_tasks_in_progress_are_not_handed_out_again(
+    learner: InMemoryStreams, clock: FakeClock
+) -> None:
+    gen = learner.for_consumer("gen-0")
+    learner.issue_tasks([make_task()])
+    (d,) = gen.read_tasks(1, 0)
+    clock.now += 2.0
+    assert gen.read_tasks(1, 0) == []
+    clock.now += 0.5
+    assert learner.for_consumer("gen-1").read_tasks(1, 0) == []  # the claim was renewed
+    gen.release_tasks([d.entry_id])
+    clock.now += 2.0
+    (again,) = gen.read_tasks(1, 0)
+    assert again.entry_id == d.entry_id and again.redelivered
+
+
 def test_in_memory_bad_entries_go_to_the_dlq(learner: InMemoryStreams) -> None:
     gen = learner.for_consumer("gen-0")
     learner.add_raw_entry("prompts", b"\xff\xff")

@@ -118,7 +118,8 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/*
 The config file: the user's `config` block with the fields that depend on this deployment
-(bind addresses, ports, Service addresses, run directory) taken from the component blocks.
+(bind addresses, ports, Service addresses, run directory) taken from the component blocks. The
+learner binds everything on 0.0.0.0 and tells generators to dial its Service.
 */}}
 {{- define "lpreg.config" -}}
 {{- $deployment := dict
@@ -128,7 +129,8 @@ The config file: the user's `config` block with the fields that depend on this d
     "learner_address" (include "lpreg.learner.address" .)
     "require_auth" true)
   "broadcast" (dict
-    "store_host" (include "lpreg.learner.host" .)
+    "store_host" "0.0.0.0"
+    "advertise_host" (include "lpreg.learner.host" .)
     "store_port" (int .Values.learner.ports.store))
   "metrics" (dict
     "host" "0.0.0.0"

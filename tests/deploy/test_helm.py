@@ -1,0 +1,446 @@
+"""The Helm chart: lint, render, Kubernetes schema validation and the properties users rely on."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from deployutil import (
+    CHART,
+    KUBE_VERSION,
+    NAMESPACE,
+    RELEASE,
+    VALUES_FILES,
+    Rendered,
+    load_values,
+    render,
+)
+
+# Kinds the chart may emit. kubernetes-validate has schemas for the built-in ones; the Prometheus
+# Operator kinds are checked by the assertions below instead.
+BUILTIN_KINDS = {
+    "ConfigMap",
+    "Deployment",
+    "HorizontalPodAutoscaler",
+    "NetworkPolicy",
+    "PodDisruptionBudget",
+    "Secret",
+    "Service",
+    "ServiceAccount",
+    "StatefulSet",
+}
+CRD_KINDS = {"PodMonitor", "ServiceMonitor"}
+
+SERVICE_SECRET_ENV = {"LPREG_AUTH_TOKEN", "LPREG_REDIS_PASSWORD"}
+
+
+def pod_specs(r: Rendered) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (o["metadata"]["name"], o["spec"]["template"]["spec"])
+        for o in r.objects
+        if o["kind"] in ("Deployment", "StatefulSet")
+    ]
+
+
+def pod_template(r: Rendered, component: str) -> dict[str, Any]:
+    kind = "StatefulSet" if component in ("learner", "redis") else "Deployment"
+    return r.one(kind, f"-{component}")["spec"]["template"]
+
+
+def container(r: Rendered, component: str) -> dict[str, Any]:
+    return pod_template(r, component)["spec"]["containers"][0]
+
+
+def config_of(r: Rendered) -> dict[str, Any]:
+    return yaml.safe_load(config_text(r))
+
+
+def config_text(r: Rendered) -> str:
+    return r.one("ConfigMap", "-config")["data"]["config.yaml"]
+
+
+def containers(r: Rendered) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f"{name}/{c['name']}", c)
+        for name, spec in pod_specs(r)
+        for c in spec.get("containers", []) + spec.get("initContainers", [])
+    ]
+
+
+@pytest.mark.parametrize("key", sorted(VALUES_FILES))
+def test_lint_strict(key: str) -> None:
+    import helm_python
+
+    report = helm_python.lint(
+        CHART, load_values(key), strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}"
+    )
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not problems, f"helm lint --strict ({key}): {problems}"
+
+
+@pytest.mark.parametrize("key", sorted(VALUES_FILES))
+def test_install_dry_run(key: str) -> None:
+    import helm_python
+
+    with helm_python.Config(storage_driver="memory", namespace=NAMESPACE) as cfg:
+        release = cfg.install(
+            CHART, RELEASE, load_values(key), namespace=NAMESPACE, dry_run="client"
+        )
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(release["manifest"]) if doc}
+    assert {"StatefulSet", "Deployment", "ConfigMap", "Secret"} <= kinds
+    assert "lpreg-test-learner" in release["notes"]
+
+
+def test_objects_validate_against_kubernetes_schemas(rendered: Rendered) -> None:
+    import kubernetes_validate
+
+    kinds = {o["kind"] for o in rendered.objects}
+    assert kinds <= BUILTIN_KINDS | CRD_KINDS, (
+        f"unexpected kinds {kinds - BUILTIN_KINDS - CRD_KINDS}"
+    )
+    for obj in rendered.objects:
+        if obj["kind"] in CRD_KINDS:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {e.message} at {list(e.path)}")
+
+
+def test_every_object_is_in_the_release_namespace(rendered: Rendered) -> None:
+    # The chart emits namespaced kinds only.
+    for obj in rendered.objects:
+        assert obj["metadata"].get("namespace") == NAMESPACE, obj["metadata"]["name"]
+
+
+def test_every_template_sets_namespace_from_release() -> None:
+    for path in (CHART / "templates").glob("*.yaml"):
+        text = path.read_text()
+        docs = [d for d in re.split(r"^---\s*$", text, flags=re.M) if "kind:" in d]
+        for doc in docs:
+            assert "namespace: {{ .Release.Namespace }}" in doc or (
+                "namespace: {{ $.Release.Namespace }}" in doc
+            ), f"{path.name} has an object without .Release.Namespace"
+
+
+def test_generator_replicas_follow_values() -> None:
+    r = render({"generator": {"replicas": 5}})
+    assert r.one("Deployment", "-generator")["spec"]["replicas"] == 5
+    assert not r.of_kind("HorizontalPodAutoscaler")
+
+
+def test_hpa_only_when_enabled(rendered: Rendered) -> None:
+    enabled = rendered.values.get("generator", {}).get("autoscaling", {}).get("enabled", False)
+    hpas = rendered.of_kind("HorizontalPodAutoscaler")
+    deployment = rendered.one("Deployment", "-generator")
+    if not enabled:
+        assert not hpas
+        assert "replicas" in deployment["spec"]
+        return
+    (hpa,) = hpas
+    # The HPA owns the replica count; a fixed one would fight it on every upgrade.
+    assert "replicas" not in deployment["spec"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"]["name"] == "lpreg_redis_stream_length"
+    run_id = rendered.values["config"]["run_id"]
+    assert metric["external"]["metric"]["selector"]["matchLabels"] == {
+        "stream": "prompts",
+        "run": run_id,
+    }
+
+
+def test_gpu_example_scales_eight_gpu_generators_with_nccl() -> None:
+    values = load_values("gpu")
+    r = render(values)
+    gen = container(r, "generator")
+    learner = container(r, "learner")
+    assert gen["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert learner["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert values["generator"]["replicas"] == 8
+    assert r.one("HorizontalPodAutoscaler", "-generator")["spec"]["maxReplicas"] >= 8
+    config = config_of(r)
+    assert config["broadcast"]["backend"] == "nccl"
+    assert config["generator"]["backend"]["type"] == "vllm"
+
+
+def test_pdb_selects_generators(rendered: Rendered) -> None:
+    (pdb,) = rendered.of_kind("PodDisruptionBudget")
+    deployment = rendered.one("Deployment", "-generator")
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+
+
+def test_secrets_are_referenced_never_inlined(rendered: Rendered) -> None:
+    secret_values = set()
+    for secret in rendered.of_kind("Secret"):
+        for encoded in secret.get("data", {}).values():
+            secret_values |= {encoded, base64.b64decode(encoded).decode()}
+        secret_values |= set(secret.get("stringData", {}).values())
+    assert secret_values, "the chart generates the auth token and the Redis password"
+    for name, c in containers(rendered):
+        for env in c.get("env", []):
+            if env["name"] in SERVICE_SECRET_ENV | {"REDIS_PASSWORD", "REDISCLI_AUTH"}:
+                assert "value" not in env, f"{name}: {env['name']} is inlined"
+                assert "secretKeyRef" in env["valueFrom"], f"{name}: {env['name']}"
+    for name, c in containers(rendered):
+        if c["name"] in ("learner", "generator"):
+            names = {e["name"] for e in c["env"]}
+            assert names >= SERVICE_SECRET_ENV, f"{name} lacks {SERVICE_SECRET_ENV - names}"
+    others = json.dumps([o for o in rendered.objects if o["kind"] != "Secret"])
+    for value in secret_values:
+        assert value not in others, "a secret value appears outside its Secret"
+
+
+def test_secrets_can_come_from_existing_secrets() -> None:
+    r = render(
+        {
+            "auth": {"existingSecret": "my-token", "secretKey": "tok"},
+            "redis": {"auth": {"existingSecret": "my-redis", "existingSecretPasswordKey": "pw"}},
+        }
+    )
+    assert not r.of_kind("Secret")
+    env = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container(r, "generator")["env"]
+        if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]
+    }
+    assert env["LPREG_AUTH_TOKEN"] == {"name": "my-token", "key": "tok"}
+    assert env["LPREG_REDIS_PASSWORD"] == {"name": "my-redis", "key": "pw"}
+
+
+def test_external_redis() -> None:
+    r = render(
+        {
+            "redis": {
+                "enabled": False,
+                "external": {"url": "rediss://redis.example.internal:6380/2"},
+                "auth": {"existingSecret": "ext-redis"},
+            }
+        }
+    )
+    assert not [o for o in r.objects if o["metadata"]["name"].endswith("-redis")]
+    assert config_of(r)["redis"]["url"] == "rediss://redis.example.internal:6380/2"
+    env = {e["name"]: e for e in container(r, "generator")["env"]}
+    assert env["LPREG_REDIS_URL"]["value"] == "rediss://redis.example.internal:6380/2"
+    assert env["LPREG_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "ext-redis"
+
+
+def test_every_port_is_tcp(rendered: Rendered) -> None:
+    for name, c in containers(rendered):
+        for port in c.get("ports", []):
+            assert port.get("protocol") == "TCP", f"{name} port {port}"
+    for svc in rendered.of_kind("Service"):
+        for port in svc["spec"]["ports"]:
+            assert port.get("protocol") == "TCP", f"Service {svc['metadata']['name']} {port}"
+    for pol in rendered.of_kind("NetworkPolicy"):
+        for rule in pol["spec"]["ingress"]:
+            for port in rule["ports"]:
+                assert port.get("protocol") == "TCP", pol["metadata"]["name"]
+
+
+def test_every_pod_runs_as_non_root_with_no_capabilities(rendered: Rendered) -> None:
+    for name, spec in pod_specs(rendered):
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["runAsUser"] > 0, name
+        assert spec.get("automountServiceAccountToken") is False, name
+    for name, c in containers(rendered):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, name
+        assert sc["capabilities"]["drop"] == ["ALL"], name
+        assert sc["readOnlyRootFilesystem"] is True, name
+        mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+        assert "/tmp" in mounts, f"{name}: a read-only root needs a writable /tmp"
+
+
+def test_image_tags_are_pinned(rendered: Rendered) -> None:
+    for name, c in containers(rendered):
+        image = c["image"]
+        repo, _, tag = image.rpartition(":")
+        assert repo and tag and "/" not in tag, f"{name}: {image} has no tag"
+        assert tag != "latest", f"{name}: {image}"
+
+
+def test_learner_statefulset(rendered: Rendered) -> None:
+    sts = rendered.one("StatefulSet", "-learner")
+    spec = sts["spec"]
+    assert spec["replicas"] == 1
+    headless = rendered.one("Service", "-learner-headless")
+    assert spec["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["clusterIP"] == "None"
+    c = spec["template"]["spec"]["containers"][0]
+    assert c["args"][:2] == ["learner", "/etc/lpreg/config.yaml"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": 50051, "store": 29500, "metrics": 9400}
+    assert c["readinessProbe"]["grpc"]["port"] == 50051
+    assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    persistence = rendered.values.get("learner", {}).get("persistence", {}).get("enabled", True)
+    if persistence:
+        (claim,) = spec["volumeClaimTemplates"]
+        assert claim["metadata"]["name"] == "data"
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["data"] == "/data"
+    assert config_of(rendered)["local"]["run_dir"] == "/data/runs/{run_id}"
+    svc = rendered.one("Service", "-learner")
+    assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "store", "metrics"}
+
+
+def test_generator_deployment_points_at_the_learner(rendered: Rendered) -> None:
+    c = container(rendered, "generator")
+    env = {e["name"]: e for e in c["env"]}
+    assert env["LPREG_GENERATOR_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    host = f"{RELEASE}-learner.{NAMESPACE}.svc.cluster.local"
+    assert env["LPREG_LEARNER_ADDRESS"]["value"] == f"{host}:50051"
+    assert env["LPREG_BROADCAST_STORE_HOST"]["value"] == host
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    config = config_of(rendered)
+    assert config["control"]["learner_address"] == f"{host}:50051"
+    # The learner binds its store on every interface and tells generators to dial its Service.
+    assert config["broadcast"]["store_host"] == "0.0.0.0"
+    assert config["broadcast"]["advertise_host"] == host
+    assert config["metrics"]["host"] == config["control"]["host"] == "0.0.0.0"
+
+
+def test_redis_persists_with_aof_and_a_password(rendered: Rendered) -> None:
+    sts = rendered.one("StatefulSet", "-redis")
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    command = " ".join(c["command"])
+    assert "--appendonly yes" in command
+    assert '--requirepass "$REDIS_PASSWORD"' in command
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/data"}
+
+
+def test_network_policies(rendered: Rendered) -> None:
+    policies = {p["metadata"]["name"]: p["spec"] for p in rendered.of_kind("NetworkPolicy")}
+    learner = policies[f"{RELEASE}-learner"]
+    froms = [peer for rule in learner["ingress"] for peer in rule["from"]]
+    components = {
+        peer["podSelector"]["matchLabels"].get("app.kubernetes.io/component")
+        for peer in froms
+        if "namespaceSelector" not in peer
+    }
+    assert components == {"generator"}, "only generators (and Prometheus) may reach the learner"
+    # Collective backends use ephemeral ports: generators need every TCP port of the learner.
+    assert {"protocol": "TCP"} in learner["ingress"][0]["ports"]
+    redis = policies[f"{RELEASE}-redis"]
+    (rule,) = redis["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchExpressions"][0]["values"] == ["learner", "generator"]
+
+
+def test_monitors_attach_run_and_instance_labels() -> None:
+    for kind in ("podMonitor", "serviceMonitor"):
+        r = render({"monitoring": {kind: {"enabled": True, "labels": {"release": "prom"}}}})
+        (mon,) = r.of_kind(kind[0].upper() + kind[1:])
+        assert mon["metadata"]["labels"]["release"] == "prom"
+        endpoints = mon["spec"].get("podMetricsEndpoints") or mon["spec"]["endpoints"]
+        targets = {rl["targetLabel"]: rl["sourceLabels"] for rl in endpoints[0]["relabelings"]}
+        assert targets["run"] == ["__meta_kubernetes_pod_label_lpreg_io_run"]
+        assert targets["namespace"] == ["__meta_kubernetes_namespace"]
+        assert targets["instance"] == ["__meta_kubernetes_pod_name"]
+        for component in ("learner", "generator"):
+            assert pod_template(r, component)["metadata"]["labels"]["lpreg.io/run"] == "tiny"
+
+
+def test_pod_and_service_monitor_are_exclusive() -> None:
+    import helm_python
+
+    both = {"monitoring": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}}
+    with pytest.raises(helm_python.HelmError, match="scrape every pod twice"):
+        render(both)
+
+
+def test_dashboards_are_configmaps_from_the_chart_files(rendered: Rendered) -> None:
+    files = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
+    assert files
+    maps = [
+        cm
+        for cm in rendered.of_kind("ConfigMap")
+        if cm["metadata"]["labels"].get("grafana_dashboard") == "1"
+    ]
+    shipped = sorted(key for cm in maps for key in cm["data"])
+    assert shipped == files
+    for cm in maps:
+        for key, text in cm["data"].items():
+            assert json.loads(text) == json.loads((CHART / "dashboards" / key).read_text())
+
+
+def test_configmap_config_loads(rendered: Rendered, tmp_path: Path) -> None:
+    from lpreg_core.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(rendered))
+    config = load_config(path)
+    assert config.control.port == 50051
+    assert config.run_id == rendered.values.get("config", {}).get("run_id", "tiny")
+
+
+def test_schema_rejects_bad_values() -> None:
+    import helm_python
+
+    bad_values = [
+        {"generator": {"replicas": "two"}},
+        {"generator": {"replicaCount": 2}},
+        {"image": {"tag": "latest"}},
+        {"learner": {"ports": {"grpc": 70000}}},
+        {"podSecurityContext": {"runAsNonRoot": False}},
+    ]
+    with helm_python.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values({}))
+        for values in bad_values:
+            with pytest.raises(helm_python.HelmError):
+                chart.validate_schema(chart.merge_values(values))
+            with pytest.raises(helm_python.HelmError):
+                chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_every_value_is_documented() -> None:
+    """Each key in values.yaml has a comment on the line(s) above it or on its parent block."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    config_indent = None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.startswith("- "):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if stripped.startswith("config:"):
+            config_indent = indent
+        elif config_indent is not None and indent > config_indent:
+            continue  # the lpreg config is documented by lpreg_core/config.py
+        else:
+            config_indent = None
+        if ":" not in stripped:
+            continue
+        previous = lines[i - 1].strip() if i else ""
+        parent_documented = indent > 0 and _parent_has_comment(lines, i, indent)
+        if not previous.startswith("#") and not parent_documented:
+            undocumented.append(f"line {i + 1}: {stripped}")
+    assert not undocumented, "undocumented values:\n" + "\n".join(undocumented)
+
+
+def _parent_has_comment(lines: list[str], i: int, indent: int) -> bool:
+    """A leaf inside a small self-explanatory block (e.g. resources.requests) counts as documented
+    when the nearest enclosing key with a comment is at most four levels up."""
+    levels = 0
+    for j in range(i - 1, -1, -1):
+        line = lines[j]
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        parent_indent = len(line) - len(line.lstrip())
+        if parent_indent < indent:
+            levels += 1
+            indent = parent_indent
+            if j and lines[j - 1].strip().startswith("#"):
+                return True
+            if levels >= 4 or parent_indent == 0:
+                return False
+    return False
