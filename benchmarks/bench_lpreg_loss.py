@@ -4,8 +4,8 @@ Both paths compute, for N tokens with hidden size H and vocabulary V, the log-pr
 token (with gradient to the hidden states and the LM-head weight), the entropy and the min-p proxy
 log-prob, then run backward through sum(w * log_probs):
 
-  naive  the reference's way: full (N, V) logits, verl's logprobs_from_logits_v2 and
-         entropy_from_logits, and the authors' apply_min_p clone-and-mask for the proxy.
+  naive  the reference's way: full (N, V) logits, log_softmax, verl's entropy_from_logits and
+         the authors' apply_min_p clone-and-mask for the proxy.
   fused  lpreg_core.loss.token_stats_from_hidden: one (chunk, V) block at a time, recomputed in
          backward.
 
@@ -38,6 +38,10 @@ from lpreg_core.loss import DEFAULT_CHUNK_SIZE, token_stats_from_hidden  # noqa:
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 _NUM_WEIGHT_ROWS_COMPARED = 4096
 """Rows of the (V, H) weight gradient written out for the comparison (all of it would be GBs)."""
+_NUM_FLOAT64_ROWS = 64
+"""Tokens recomputed in float64 to measure each path's own rounding error."""
+_SAMPLE_CHUNK = 128
+"""Rows of logits at a time when sampling the benchmark's tokens (in the parent, not measured)."""
 
 
 def _peak_rss_bytes() -> int:
@@ -45,10 +49,8 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _inputs(
-    args: argparse.Namespace,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Deterministic hidden states, head weight, tokens and loss weights with LM-like logits."""
+def _inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic hidden states, head weight and loss weights with LM-like logits."""
     gen = torch.Generator().manual_seed(args.seed)
     dtype = _DTYPES[args.dtype]
     hidden = torch.randn(args.n, args.hidden, generator=gen).to(dtype)
@@ -56,69 +58,89 @@ def _inputs(
     # Scaled in place: a temporary copy of the weight would inflate both peaks by V * H * 4 bytes.
     weight = torch.randn(args.vocab, args.hidden, generator=gen).mul_(3.0 / args.hidden**0.5)
     weight = weight.to(dtype)
-    tokens = torch.randint(0, args.vocab, (args.n,), generator=gen)
     loss_weights = torch.randn(args.n, generator=gen, dtype=torch.float64).to(dtype)
-    return hidden.requires_grad_(), weight.requires_grad_(), tokens, loss_weights
+    return hidden.requires_grad_(), weight.requires_grad_(), loss_weights
+
+
+def _sample_tokens(
+    args: argparse.Namespace, hidden: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Tokens drawn from the policy itself, as in a rollout: most survive min-p, a few are noise."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    samples = []
+    with torch.no_grad():
+        for rows in hidden.detach().split(_SAMPLE_CHUNK):
+            logits = rows.float() @ weight.detach().float().t()
+            probs = torch.softmax(logits / args.temperature, dim=-1)
+            samples.append(torch.multinomial(probs, 1, generator=gen).squeeze(-1))
+    return torch.cat(samples)
 
 
 def _naive_stats(
     hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, args: argparse.Namespace
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Full-logits path following verl 0.3 / the Lp-Reg fork (dp_actor + torch_functional)."""
+    """Full-logits path as the Lp-Reg fork of verl 0.3 computes it (dp_actor, torch_functional).
+
+    log_softmax replaces verl's per-row logsumexp loop (logprobs_from_logits_v2), which takes
+    about 14 ms per row on this CPU and would make the baseline a strawman.
+    """
     logits = hidden @ weight.t()
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    scaled = logits / args.temperature
-    # logprobs_from_logits_v2: gather minus a per-row logsumexp loop.
-    token_logits = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    log_probs = token_logits - torch.stack([torch.logsumexp(row, dim=-1) for row in scaled])
+    scaled = logits / args.temperature if args.temperature != 1.0 else logits
+    log_probs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
-        # entropy_from_logits
+        # entropy_from_logits: logsumexp(z) - sum(softmax(z) * z)
         probs = torch.softmax(scaled, dim=-1)
         entropy = torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(dim=-1)
         del probs
-        # apply_min_p (chunks of 4096 rows, clone, softmax, mask to -1e4), then / T and log-prob.
+        # apply_min_p: chunks of 4096 rows, clone, softmax at T = 1, filtered logits := -1e4.
         filtered_chunks = []
         for chunk in torch.split(logits.detach(), 4096, dim=0):
             cloned = chunk.clone()
             chunk_probs = torch.softmax(cloned, dim=-1)
             threshold = args.kappa * torch.amax(chunk_probs, dim=-1, keepdim=True)
             cloned[chunk_probs < threshold] = -1e4
+            del chunk_probs
             filtered_chunks.append(cloned)
         filtered = torch.cat(filtered_chunks, dim=0)
         del filtered_chunks
         filtered.div_(args.temperature)
-        proxy = filtered.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.stack(
-            [torch.logsumexp(row, dim=-1) for row in filtered]
-        )
+        proxy = torch.log_softmax(filtered, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         del filtered
     return log_probs, entropy, proxy
 
 
 def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    hidden, weight, tokens, loss_weights = _inputs(args)
+    hidden, weight, loss_weights = _inputs(args)
+    tokens = torch.load(args.tokens)
     setup_rss = _peak_rss_bytes()
-    start = time.perf_counter()
-    if args.worker == "naive":
-        log_probs, entropy, proxy = _naive_stats(hidden, weight, tokens, args)
-    else:
-        stats = token_stats_from_hidden(
-            hidden,
-            weight,
-            tokens,
-            temperature=args.temperature,
-            kappa=args.kappa,
-            chunk_size=args.chunk_size,
-        )
-        log_probs, entropy, proxy = stats.log_probs, stats.entropy, stats.proxy_log_probs
-    forward_s = time.perf_counter() - start
-    (log_probs * loss_weights.to(log_probs.dtype)).sum().backward()
-    total_s = time.perf_counter() - start
+    times_s, forward_times_s = [], []
+    for _ in range(args.repeats):
+        hidden.grad = None
+        weight.grad = None
+        start = time.perf_counter()
+        if args.worker == "naive":
+            log_probs, entropy, proxy = _naive_stats(hidden, weight, tokens, args)
+        else:
+            stats = token_stats_from_hidden(
+                hidden,
+                weight,
+                tokens,
+                temperature=args.temperature,
+                kappa=args.kappa,
+                chunk_size=args.chunk_size,
+            )
+            log_probs, entropy, proxy = stats.log_probs, stats.entropy, stats.proxy_log_probs
+        forward_times_s.append(time.perf_counter() - start)
+        (log_probs * loss_weights.to(log_probs.dtype)).sum().backward()
+        times_s.append(time.perf_counter() - start)
     assert hidden.grad is not None and weight.grad is not None
     result = {
-        "forward_s": forward_s,
-        "total_s": total_s,
+        "forward_s": min(forward_times_s),
+        "total_s": min(times_s),
+        "all_total_s": times_s,
         "setup_rss_bytes": setup_rss,
         "peak_rss_bytes": _peak_rss_bytes(),
         "log_probs": log_probs.detach(),
@@ -132,7 +154,41 @@ def _worker(args: argparse.Namespace) -> None:
     torch.save(result, args.out)
 
 
-def _run_worker(kind: str, args: argparse.Namespace, out: Path) -> dict:
+def _float64_errors(
+    args: argparse.Namespace,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    results: dict[str, dict],
+) -> dict[str, dict[str, float]]:
+    """Max abs error of each path against float64 on the first rows (kept proxy tokens only)."""
+    rows = min(args.n, _NUM_FLOAT64_ROWS)
+    with torch.no_grad():
+        logits = hidden.detach()[:rows].double() @ weight.detach().double().t()
+        log_softmax = torch.log_softmax(logits / args.temperature, dim=-1)
+        idx = tokens[:rows].unsqueeze(-1)
+        want = {
+            "log_probs": log_softmax.gather(-1, idx).squeeze(-1),
+            "entropy": -(log_softmax.exp() * log_softmax).sum(dim=-1),
+        }
+        probs = torch.softmax(logits, dim=-1)
+        filtered = logits.masked_fill(probs < args.kappa * probs.amax(dim=-1, keepdim=True), -1e4)
+        proxy = torch.log_softmax(filtered / args.temperature, dim=-1).gather(-1, idx).squeeze(-1)
+    kept = proxy > -1e3
+    errors = {}
+    for kind, result in results.items():
+        errs = {
+            key: float((result[key][:rows].double() - value).abs().max())
+            for key, value in want.items()
+        }
+        errs["proxy_log_probs_kept"] = float(
+            (result["proxy_log_probs"][:rows].double()[kept] - proxy[kept]).abs().max()
+        )
+        errors[kind] = errs
+    return errors
+
+
+def _run_worker(kind: str, args: argparse.Namespace, out: Path, tokens_path: Path) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -158,6 +214,10 @@ def _run_worker(kind: str, args: argparse.Namespace, out: Path) -> dict:
         str(args.kappa),
         "--seed",
         str(args.seed),
+        "--repeats",
+        str(args.repeats),
+        "--tokens",
+        str(tokens_path),
     ]
     subprocess.run(cmd, check=True)
     return torch.load(out)
@@ -211,9 +271,13 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--kappa", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="forward+backward runs per path; the fastest counts"
+    )
     parser.add_argument("--order", choices=["naive-first", "fused-first"], default="naive-first")
     parser.add_argument("--worker", choices=["naive", "fused"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.n is None:
         args.n = 512 if args.quick else 2048
@@ -221,9 +285,16 @@ def main() -> None:
         _worker(args)
         return
 
+    torch.set_num_threads(args.threads)
+    hidden, weight, _ = _inputs(args)
+    tokens = _sample_tokens(args, hidden, weight)
     with tempfile.TemporaryDirectory(prefix="bench_lpreg_") as tmp:
+        tokens_path = Path(tmp) / "tokens.pt"
+        torch.save(tokens, tokens_path)
         kinds = ["naive", "fused"] if args.order == "naive-first" else ["fused", "naive"]
-        results = {kind: _run_worker(kind, args, Path(tmp) / f"{kind}.pt") for kind in kinds}
+        results = {
+            kind: _run_worker(kind, args, Path(tmp) / f"{kind}.pt", tokens_path) for kind in kinds
+        }
     naive, fused = results["naive"], results["fused"]
     diffs = _max_abs_diffs(naive, fused)
     report = {
@@ -251,6 +322,9 @@ def main() -> None:
         "fused_forward_s": fused["forward_s"],
         "max_abs_diff": max(v for k, v in diffs.items() if not k.endswith("_rel")),
         "max_abs_diff_by_output": diffs,
+        "max_abs_err_vs_float64": _float64_errors(args, hidden, weight, tokens, results),
+        "naive_all_s": naive["all_total_s"],
+        "fused_all_s": fused["all_total_s"],
     }
     print(json.dumps(report))
 

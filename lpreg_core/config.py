@@ -197,7 +197,10 @@ class RedisConfig(_Section):
         "LPREG_REDIS_PASSWORD", description="Environment variable holding the Redis password."
     )
     stream_maxlen: int = Field(
-        100_000, ge=100, description="Approximate cap of each stream's length (XADD MAXLEN ~)."
+        100_000,
+        ge=100,
+        description="Approximate cap of the dead-letter stream (prompts and rollouts are trimmed "
+        "only of acknowledged entries, never capped).",
     )
     claim_idle_ms: int = Field(
         30_000, ge=100, description="Pending prompt tasks idle this long are reclaimed (XAUTOCLAIM)."

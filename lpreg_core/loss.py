@@ -414,7 +414,7 @@ class _LogitsStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, logits: Tensor, tokens: Tensor, temperature: float
     ) -> tuple[Tensor, Tensor]:
         buf = logits.detach().to(_compute_dtype(logits.dtype), copy=True)
@@ -435,7 +435,7 @@ class _LogitsStats(torch.autograd.Function):
         return log_probs, entropy
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_log_probs: Tensor | None, grad_entropy: Tensor | None
     ) -> tuple[Tensor | None, None, None]:
         logits, tokens, lse, entropy = ctx.saved_tensors
@@ -818,7 +818,7 @@ class _FusedTokenStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: Tensor,
         weight: Tensor,
@@ -867,7 +867,7 @@ class _FusedTokenStats(torch.autograd.Function):
         return log_probs, entropy, proxy, keep_count
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any,
         grad_log_probs: Tensor | None,
         grad_entropy: Tensor | None,

@@ -97,19 +97,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(config), end="")
         return 0
-    if args.command == "local":
-        from services.local.launcher import run_local
+    from services.common.auth import AuthConfigError
+    from services.common.grpc_server import ControlError
+    from services.common.redis_streams import TransportUnavailable
 
-        return run_local(config, config_path=args.config, overrides=args.overrides)
-    if args.command == "learner":
-        from services.learner.main import run_learner
+    try:
+        if args.command == "local":
+            from services.local.launcher import run_local
 
-        run_learner(config, resume=args.resume)
+            return run_local(config, config_path=args.config, overrides=args.overrides)
+        if args.command == "learner":
+            from services.learner.main import run_learner
+
+            run_learner(config, resume=args.resume)
+            return 0
+        from services.generator.main import run_generator
+
+        run_generator(config, args.id)
         return 0
-    from services.generator.main import run_generator
-
-    run_generator(config, args.id)
-    return 0
+    except (TransportUnavailable, AuthConfigError, ControlError, OSError, RuntimeError) as e:
+        logging.getLogger("lpreg").debug("fatal error", exc_info=True)
+        print(f"lpreg {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Protocol, all keys under ``epoch/{e}/`` in the learner's store:
    and everyone builds the group over ``epoch/{e}/pg/``. If some never announce, the learner writes
    ``aborted`` and raises ``MembersMissing`` (the waiting members see ``aborted`` and give up at
    once); the caller opens a new epoch without them.
-3. Each publish: the manifest goes over gRPC (someone else's part), then ``send``/``receive``
+3. Each publish: the manifest goes over gRPC (the control plane), then ``send``/``receive``
    broadcast every non-empty bucket from rank 0 and finish with one small all-reduce in which every
    member reports whether its sha256 over the received bytes matches the manifest. ``send`` returns
    only when every member has all the bytes and has checked them.
@@ -358,6 +358,9 @@ class WeightSender:
         self.device = torch.device(device)
         self.backend: GroupBackend = resolve_backend(config.backend, self.device)
         self.host = config.store_host
+        # What members are told to dial (JoinGroup.store_host); differs from the bind address
+        # when the learner binds a wildcard behind a Service.
+        self.advertise_host = config.advertise_host or config.store_host
         # Gloo binds its own sockets: on the store's address unless that is a wildcard, in which
         # case Gloo's default (this host's resolved name) is the address members can reach.
         self._device_host = device_host or (None if _is_wildcard(self.host) else self.host)
@@ -380,7 +383,7 @@ class WeightSender:
                 timeout=timedelta(seconds=_STORE_CLIENT_TIMEOUT_S),
                 master_listen_fd=fd,
             )
-        except Exception:
+        except RuntimeError:
             os.close(fd)
             raise
         self._group: _Group | None = None

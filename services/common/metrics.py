@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
 
+from lpreg_core.rollout import DLQ_REASONS
+
 # Weight sync durations range from milliseconds (tiny model, loopback) to minutes (70B over NCCL).
 SYNC_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 STEP_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
-DLQ_REASONS = ("decode", "schema_version", "validate", "too_large")
 
 
 class SharedMetrics:

@@ -206,7 +206,10 @@ class Generator:
             gen_s = time.monotonic() - start
             for d, p, completions in zip(batch, prompts, results, strict=True):
                 group = self._build_group(d, p, completions, gen_s)
-                self.streams.publish_group_and_ack_task(group, d.entry_id)
+                if self.streams.publish_group_and_ack_task(group, d.entry_id) is None:
+                    # Our task was reclaimed and another generator published it first.
+                    log.info("task %s was already completed elsewhere; dropped ours", d.value.task_id)
+                    continue
                 num_tokens = sum(len(c.token_ids) for c in completions)
                 self.tokens_generated += num_tokens
                 self.metrics.tokens.inc(num_tokens)

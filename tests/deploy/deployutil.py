@@ -34,7 +34,8 @@ VALUES_FILES: dict[str, Path | None] = {
     "cpu-tiny": CHART / "examples" / "values-cpu-tiny.yaml",
 }
 
-METRIC_NAME = re.compile(r"\blpreg_[a-z0-9_]+\b")
+# Metric names, not recording-rule names (lpreg:...:...) that contain them.
+METRIC_NAME = re.compile(r"(?<![\w:])lpreg_[a-z0-9_]+")
 
 
 def tool(name: str, *, venv: bool) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 
+from lpreg_core.config import BroadcastConfig
 from lpreg_core.weights import WeightManifest, build_manifest, manifest_to_proto
 from services.common.broadcast import (
     BroadcastFailed,
@@ -41,16 +42,6 @@ JOIN_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 10.0
 # Several buckets per publish: 64 KiB buckets over ~1 MB of mixed-dtype weights.
 BUCKET_BYTES = 64 * 1024
-
-
-class StoreConfig:
-    """The fields of BroadcastConfig the sender reads, on a free loopback port."""
-
-    backend = "gloo"
-    store_host = "127.0.0.1"
-    store_port = 0
-    bucket_bytes = BUCKET_BYTES
-    join_timeout_s = JOIN_TIMEOUT_S
 
 
 class Worker:
@@ -165,7 +156,10 @@ def spawn_workers(tmp_path: Path) -> Iterator[Callable[[int], list[Worker]]]:
 
 @pytest.fixture
 def sender() -> Iterator[WeightSender]:
-    with WeightSender(StoreConfig(), "cpu") as s:  # type: ignore[arg-type]
+    config = BroadcastConfig.model_validate(
+        {"store_host": "127.0.0.1", "store_port": 0, "bucket_bytes": BUCKET_BYTES}
+    )
+    with WeightSender(config, "cpu") as s:
         yield s
 
 
