@@ -9,8 +9,8 @@ log-prob, then run backward through sum(w * log_probs):
   fused  lpreg_core.loss.token_stats_from_hidden: one (chunk, V) block at a time, recomputed in
          backward.
 
-Each path runs in its own subprocess, so its peak RSS (getrusage ru_maxrss of that process) is its
-own. The weight (V x H) and its gradient are in both peaks. One JSON object goes to stdout.
+Each path runs in its own subprocess, so its peak RSS (VmHWM of that process) is its own.
+The weight (V x H) and its gradient are in both peaks. One JSON object goes to stdout.
 
     .venv/bin/python benchmarks/bench_lpreg_loss.py            # N=2048, H=896, V=151936 (Qwen2.5-0.5B head)
     .venv/bin/python benchmarks/bench_lpreg_loss.py --quick    # N=512, under a minute on 2 cores
@@ -45,7 +45,15 @@ _SAMPLE_CHUNK = 128
 
 
 def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
+    """Peak resident set size of this process.
+
+    VmHWM is the high-water mark of this process image; ru_maxrss would also count the parent's
+    pages inherited through fork before exec, which hid the fused path's peak under the parent's.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

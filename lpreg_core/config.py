@@ -71,7 +71,9 @@ class SamplingConfig(_Section):
     """How the behaviour policy samples. top_p = 1 and no top-k/min-p, always: the behaviour policy
     must be the full-vocabulary distribution (LPREG_SPEC section 5)."""
 
-    num_samples: int = Field(8, ge=1, le=1024, description="Completions per prompt (GRPO group size).")
+    num_samples: int = Field(
+        8, ge=1, le=1024, description="Completions per prompt (GRPO group size)."
+    )
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature.")
     max_new_tokens: int = Field(8, ge=1, description="Maximum completion length in tokens.")
 
@@ -125,12 +127,16 @@ class LearnerConfig(_Section):
     advantage_mode: Literal["std", "no_std", "leave_one_out"] = Field(
         "std", description="GRPO advantage: (r-mean)/(std+1e-6), r-mean, or leave-one-out baseline."
     )
-    loss: LossConfig = Field(default_factory=LpRegConfig, description="Policy loss (typed variant).")
+    loss: LossConfig = Field(
+        default_factory=LpRegConfig, description="Policy loss (typed variant)."
+    )
     optimizer: AdamWConfig = Field(default_factory=AdamWConfig, description="Optimiser.")
     off_policy: OffPolicyConfig = Field(
         default_factory=OffPolicyConfig, description="Off-policy correction for stale rollouts."
     )
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpoints."
+    )
     logit_chunk_size: int = Field(
         1024, ge=1, description="Tokens per chunk when computing log-probs over the vocabulary."
     )
@@ -148,6 +154,11 @@ class LearnerConfig(_Section):
         0, ge=0, description="Greedy evaluation on held-out prompts every N steps (0 = off)."
     )
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts per evaluation.")
+    exit_when_done: bool = Field(
+        True,
+        description="Exit after the last step. Set false where an exit means a restart (a "
+        "Kubernetes StatefulSet): the finished learner then stays up, healthy, until stopped.",
+    )
 
 
 class HFBackendConfig(_Section):
@@ -203,14 +214,18 @@ class RedisConfig(_Section):
         "only of acknowledged entries, never capped).",
     )
     claim_idle_ms: int = Field(
-        30_000, ge=100, description="Pending prompt tasks idle this long are reclaimed (XAUTOCLAIM)."
+        30_000,
+        ge=100,
+        description="Pending prompt tasks idle this long are reclaimed (XAUTOCLAIM).",
     )
     block_ms: int = Field(500, ge=1, description="XREADGROUP block time.")
     max_entry_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Entries larger than this are rejected to the DLQ."
     )
     connect_retries: int = Field(8, ge=0, description="Retries of a failed connection.")
-    retry_backoff_s: float = Field(0.25, gt=0.0, description="First retry delay (doubles each time).")
+    retry_backoff_s: float = Field(
+        0.25, gt=0.0, description="First retry delay (doubles each time)."
+    )
     retry_backoff_max_s: float = Field(5.0, gt=0.0, description="Longest retry delay.")
 
 
@@ -231,14 +246,18 @@ class ControlConfig(_Section):
     )
     tls_cert_file: str | None = Field(None, description="Server certificate (PEM); enables TLS.")
     tls_key_file: str | None = Field(None, description="Server private key (PEM).")
-    tls_ca_file: str | None = Field(None, description="CA bundle generators use to verify the server.")
+    tls_ca_file: str | None = Field(
+        None, description="CA bundle generators use to verify the server."
+    )
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
     )
     retry_attempts: int = Field(
         30, ge=1, description="Generator tries to reach the learner before giving up."
     )
-    retry_backoff_s: float = Field(0.25, gt=0.0, description="First retry delay (doubles each time).")
+    retry_backoff_s: float = Field(
+        0.25, gt=0.0, description="First retry delay (doubles each time)."
+    )
     retry_backoff_max_s: float = Field(5.0, gt=0.0, description="Longest retry delay.")
 
 
@@ -256,11 +275,15 @@ class BroadcastConfig(_Section):
         description="Address generators are told to dial for the store (default: store_host); "
         "set it when the learner binds 0.0.0.0 behind a Service.",
     )
-    store_port: int = Field(29500, ge=0, le=65535, description="TCPStore port (0 = pick a free one).")
+    store_port: int = Field(
+        29500, ge=0, le=65535, description="TCPStore port (0 = pick a free one)."
+    )
     bucket_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest flat bucket sent in one collective call."
     )
-    join_timeout_s: float = Field(30.0, gt=0.0, description="Deadline for members to join an epoch.")
+    join_timeout_s: float = Field(
+        30.0, gt=0.0, description="Deadline for members to join an epoch."
+    )
 
 
 class MetricsConfig(_Section):
@@ -278,7 +301,9 @@ class LocalConfig(_Section):
 
     num_generators: int = Field(2, ge=1, description="Generator processes to start.")
     run_dir: str = Field("runs/{run_id}", description="Output directory ({run_id} is replaced).")
-    redis_server: str = Field("redis-server", description="redis-server binary (looked up on PATH).")
+    redis_server: str = Field(
+        "redis-server", description="redis-server binary (looked up on PATH)."
+    )
     redis_url: str | None = Field(
         None, description="Use this existing Redis instead of starting a private redis-server."
     )
@@ -294,13 +319,21 @@ class RunConfig(_Section):
         description="Run name: prefixes Redis keys (lpreg:{run_id}:...) and names the run directory.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
-    task: TaskConfig = Field(default_factory=ArithmeticTaskConfig, description="Prompts and verifier.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Behaviour sampling.")
+    task: TaskConfig = Field(
+        default_factory=ArithmeticTaskConfig, description="Prompts and verifier."
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="Behaviour sampling."
+    )
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learner service.")
-    generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="Generator service.")
+    generator: GeneratorConfig = Field(
+        default_factory=GeneratorConfig, description="Generator service."
+    )
     redis: RedisConfig = Field(default_factory=RedisConfig, description="Redis Streams.")
     control: ControlConfig = Field(default_factory=ControlConfig, description="gRPC control plane.")
-    broadcast: BroadcastConfig = Field(default_factory=BroadcastConfig, description="Weight broadcast.")
+    broadcast: BroadcastConfig = Field(
+        default_factory=BroadcastConfig, description="Weight broadcast."
+    )
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")
     local: LocalConfig = Field(default_factory=LocalConfig, description="Local launcher.")
 

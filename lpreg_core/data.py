@@ -54,7 +54,9 @@ class JsonlSource:
                 answer = str(row[config.answer_field])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{lineno}: bad task line: {e!r}") from e
-            self._problems.append(Problem(prompt_id=f"{path.stem}-{lineno}", prompt=prompt, answer=answer))
+            self._problems.append(
+                Problem(prompt_id=f"{path.stem}-{lineno}", prompt=prompt, answer=answer)
+            )
         if not self._problems:
             raise ValueError(f"{path} holds no prompts")
         self._orders: dict[int, list[int]] = {}

@@ -94,7 +94,9 @@ class MathVerifier:
             prediction = parse(completion[-MAX_MATH_COMPLETION_CHARS:], parsing_timeout=timeout_s)
             if not prediction:
                 return INCORRECT
-            return CORRECT if verify(list(gold), prediction, timeout_seconds=timeout_s) else INCORRECT
+            return (
+                CORRECT if verify(list(gold), prediction, timeout_seconds=timeout_s) else INCORRECT
+            )
         except Exception:  # a reward must never take the generator down
             logger.debug("math verification failed; scoring 0.0", exc_info=True)
             return INCORRECT

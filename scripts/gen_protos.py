@@ -39,18 +39,24 @@ def generate(out: Path) -> None:
     # package-relative so the generated code lives inside lpreg_core.
     for path in out.rglob("*.py*"):
         text = path.read_text()
-        fixed = re.sub(r"^from lpreg\.v1 import", f"from {PACKAGE}.lpreg.v1 import", text, flags=re.M)
+        fixed = re.sub(
+            r"^from lpreg\.v1 import", f"from {PACKAGE}.lpreg.v1 import", text, flags=re.M
+        )
         path.write_text(fixed)
     for pkg in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
         (pkg / "__init__.py").touch()
 
 
 def generated_files(root: Path) -> list[Path]:
-    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return sorted(
+        p.relative_to(root) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="fail if lpreg_core/wire is stale")
     args = parser.parse_args()
     if not args.check:
@@ -60,10 +66,18 @@ def main() -> int:
         fresh = Path(tmp)
         generate(fresh)
         want, have = generated_files(fresh), generated_files(OUT)
-        stale = [str(p) for p in want if p not in have or not filecmp.cmp(fresh / p, OUT / p, shallow=False)]
+        stale = [
+            str(p)
+            for p in want
+            if p not in have or not filecmp.cmp(fresh / p, OUT / p, shallow=False)
+        ]
         stale += [str(p) for p in have if p not in want]
         if stale:
-            print("generated protobuf code is stale; run `python scripts/gen_protos.py`:", *stale, sep="\n  ")
+            print(
+                "generated protobuf code is stale; run `python scripts/gen_protos.py`:",
+                *stale,
+                sep="\n  ",
+            )
             return 1
     print("generated protobuf code is up to date")
     return 0

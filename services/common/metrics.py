@@ -11,7 +11,6 @@ SYNC_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 6
 STEP_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
-
 class SharedMetrics:
     """Families both the learner and the generators export (distinguished by scrape target)."""
 
@@ -31,7 +30,7 @@ class SharedMetrics:
         self.weight_sync_seconds = Histogram(
             "lpreg_weight_sync_seconds",
             "Duration of weight-sync phases (learner: join, manifest, broadcast, acks, total; "
-            "generator: join, receive, apply).",
+            "generator: join, receive_apply).",
             ["phase"],
             buckets=SYNC_BUCKETS_S,
             registry=registry,

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -166,6 +166,7 @@ class RedisStreams:
         self.dlq_key = f"{prefix}:dlq"
         self.version_key = f"{prefix}:version"
         self.heartbeat_prefix = f"{prefix}:gen:"
+        self.ledger_key = f"{prefix}:ledger"
         self._max_block_ms = max(1, int(socket_timeout_s * 1000) - _BLOCK_MARGIN_MS)
         kwargs: dict[str, Any] = {
             "decode_responses": False,
@@ -432,20 +433,30 @@ class RedisStreams:
 
     # -- TaskQueue ----------------------------------------------------------------------------
 
-    def issue_tasks(self, tasks: Sequence[rollout_pb2.PromptTask]) -> list[str]:
+    def issue_tasks(
+        self,
+        tasks: Sequence[rollout_pb2.PromptTask],
+        *,
+        ledger: Mapping[str, int] | None = None,
+    ) -> list[str]:
         """Append tasks in one transaction (all or none); returns their entry ids in order.
 
-        A retry after a lost EXEC reply can issue a batch twice; consumers dedupe by task_id.
+        ``ledger`` increments are applied to the run's ledger hash in the same transaction, so
+        the issuer's data position and counters survive a learner crash exactly in step with
+        what was issued. A retry after a lost EXEC reply can issue a batch twice; consumers
+        dedupe by task_id.
         """
         payloads = [encode_task(t) for t in tasks]
-        if not payloads:
+        if not payloads and not ledger:
             return []
 
         def add() -> list[bytes]:
             pipe = self._redis.pipeline(transaction=True)
             for p in payloads:
                 pipe.xadd(self.prompts_key, {DATA_FIELD: p})
-            return list(pipe.execute())
+            for field, incr in (ledger or {}).items():
+                pipe.hincrby(self.ledger_key, field, int(incr))
+            return list(pipe.execute())[: len(payloads)]
 
         ids = [_entry_id(i) for i in self._call("issue_tasks", add)]
         self._trim(self.prompts_key)
@@ -668,6 +679,38 @@ class RedisStreams:
         return sorted(set(self._call("live_generators", scan)))
 
     # -- introspection (metrics) --------------------------------------------------------------
+
+    def ledger(self) -> dict[str, int]:
+        """The run's ledger: counters written together with issued tasks (see issue_tasks)."""
+        raw = self._call("ledger", lambda: self._redis.hgetall(self.ledger_key))
+        return {_entry_id(k): int(v) for k, v in raw.items()}
+
+    def backlog(self) -> dict[str, int]:
+        """Entries not yet done with, per stream: never delivered (lag) plus delivered but
+        unacknowledged (pending)."""
+
+        def info(key: str, group: str) -> int:
+            try:
+                groups = self._redis.xinfo_groups(key)
+            except redis.exceptions.ResponseError as e:
+                if "no such key" in str(e).lower():
+                    return 0
+                raise
+            for g in groups:
+                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                if name != group:
+                    continue
+                lag = g.get("lag")
+                if lag is None:  # unknown after trimming: count what follows the group's cursor
+                    last = _entry_id(g["last-delivered-id"])
+                    lag = len(self._redis.xrange(key, min=f"({last}", max="+"))
+                return int(lag) + int(g["pending"])
+            return 0
+
+        return {
+            "prompts": self._call("backlog", lambda: info(self.prompts_key, TASK_GROUP)),
+            "rollouts": self._call("backlog", lambda: info(self.rollouts_key, ROLLOUT_GROUP)),
+        }
 
     def stream_lengths(self) -> dict[str, int]:
         """XLEN of the prompts, rollouts and dlq streams."""

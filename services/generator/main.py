@@ -208,7 +208,9 @@ class Generator:
                 group = self._build_group(d, p, completions, gen_s)
                 if self.streams.publish_group_and_ack_task(group, d.entry_id) is None:
                     # Our task was reclaimed and another generator published it first.
-                    log.info("task %s was already completed elsewhere; dropped ours", d.value.task_id)
+                    log.info(
+                        "task %s was already completed elsewhere; dropped ours", d.value.task_id
+                    )
                     continue
                 num_tokens = sum(len(c.token_ids) for c in completions)
                 self.tokens_generated += num_tokens

@@ -77,6 +77,7 @@ class Learner:
         self.counters = {"prompts_issued": 0, "groups_trained": 0, "groups_dropped_stale": 0}
         self.trained_tasks: set[str] = set()
         self.history: list[dict[str, Any]] = []
+        self.resumed = resume
         if resume:
             self._restore()
         self.pending_acks: list[str] = []
@@ -92,6 +93,7 @@ class Learner:
             config.generator.heartbeat_ttl_s, expected_vocab_size=self.vocab_size
         )
         self.metrics.policy_version.set(self.version)
+        self.metrics.max_staleness.set(config.learner.max_staleness)
 
     # -- checkpoint / resume ------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -159,16 +161,45 @@ class Learner:
         )
 
     def _issue(self, reissue: list[int] | None = None) -> None:
+        """Issue new prompts up to the admission limit, plus re-issues of dropped ones. The
+        ledger in Redis moves in the same transaction, so a restarted learner neither loses
+        nor repeats a data position."""
+        reissue = reissue or []
         n = self.admission.num_to_issue(self.version, self.issued_fresh)
         indices = list(range(self.next_data_index, self.next_data_index + n))
-        tasks = [self._task(i) for i in [*(reissue or []), *indices]]
+        tasks = [self._task(i) for i in [*reissue, *indices]]
         if not tasks:
             return
-        self.streams.issue_tasks(tasks)
+        ledger = {
+            "prompts_issued": len(tasks),
+            "next_data_index": n,
+            "issued_fresh": n,
+            "groups_dropped_stale": len(reissue),
+        }
+        self.streams.issue_tasks(tasks, ledger=ledger)
         self.next_data_index += n
         self.issued_fresh += n
         self.counters["prompts_issued"] += len(tasks)
+        self.counters["groups_dropped_stale"] += len(reissue)
         self.metrics.prompts_issued.inc(len(tasks))
+        self.metrics.groups_dropped_stale.inc(len(reissue))
+
+    def _adopt_ledger(self, resume: bool) -> None:
+        """Take the issuer's position and counters from Redis, where they moved in step with the
+        tasks actually issued (the checkpoint may be older)."""
+        ledger = self.streams.ledger()
+        if not ledger:
+            return
+        if not resume:
+            raise RuntimeError(
+                f"run {self.config.run_id!r} already has state in Redis ({self.streams.ledger_key}); "
+                "continue it with `lpreg learner --resume`, or pick a new run_id"
+            )
+        self.next_data_index = ledger.get("next_data_index", 0)
+        self.issued_fresh = ledger.get("issued_fresh", 0)
+        self.counters["prompts_issued"] = ledger.get("prompts_issued", 0)
+        self.counters["groups_dropped_stale"] = ledger.get("groups_dropped_stale", 0)
+        log.info("issuer state from Redis: %s", ledger)
 
     # -- rollouts -----------------------------------------------------------------------------
     def _collect(self) -> list[rollout_pb2.RolloutGroup]:
@@ -182,6 +213,7 @@ class Learner:
                 need - len(groups), self.config.redis.block_ms, vocab_size=self.vocab_size
             )
             reissue: list[int] = []
+            dropped: list[str] = []
             for d in deliveries:
                 g = d.value
                 if g.task_id in self.trained_tasks or g.task_id in seen:
@@ -190,16 +222,17 @@ class Learner:
                     continue
                 oldest, _ = group_policy_versions(g)
                 if is_stale(self.version, oldest, self.config.learner.max_staleness):
-                    self.counters["groups_dropped_stale"] += 1
-                    self.metrics.groups_dropped_stale.inc()
                     reissue.append(g.data_index)
-                    self.streams.ack_groups([d.entry_id])
+                    dropped.append(d.entry_id)
                     continue
                 self.metrics.rollout_staleness.observe(staleness(self.version, oldest))
                 seen.add(g.task_id)
                 groups.append(g)
                 self.pending_acks.append(d.entry_id)
+            # Re-issue before acking the dropped groups: a crash in between re-drops, never loses.
             self._issue(reissue)
+            if dropped:
+                self.streams.ack_groups(dropped)
         return groups
 
     def _refresh_membership(self) -> None:
@@ -344,6 +377,8 @@ class Learner:
             return round(sum(vals) / len(vals), 4) if vals else None
 
         evals = [r["eval_accuracy"] for r in self.history if "eval_accuracy" in r]
+        dlq = self.streams.dlq_length()
+        outstanding = sum(self.streams.backlog().values())
         return {
             "run_id": self.config.run_id,
             "steps": self.step,
@@ -351,7 +386,14 @@ class Learner:
             "prompts_issued": self.counters["prompts_issued"],
             "groups_trained": self.counters["groups_trained"],
             "groups_dropped_stale": self.counters["groups_dropped_stale"],
-            "rollouts_in_dlq": self.streams.dlq_length(),
+            "rollouts_in_dlq": dlq,
+            "prompts_trained": len(self.trained_tasks),
+            "prompts_outstanding": outstanding,
+            "prompts_unaccounted": self.counters["prompts_issued"]
+            - len(self.trained_tasks)
+            - self.counters["groups_dropped_stale"]
+            - dlq
+            - outstanding,
             "generator_weight_versions": dict(sorted(self.registry.loaded_versions().items())),
             "reward_mean_first": first.get("reward_mean"),
             "reward_mean_last": last.get("reward_mean"),
@@ -370,6 +412,7 @@ class Learner:
         log.info("resolved config:\n%s", dump_config(config))
         self.streams.connect()
         self.streams.ensure_groups()
+        self._adopt_ledger(self.resumed)
         self.streams.set_version(self.version)
         sender = WeightSender(config.broadcast, self.device)
         backend = sender.backend
@@ -421,6 +464,10 @@ class Learner:
                     int(record.get("num_regularized", 0)),
                 )
             summary = self._finish(time.monotonic() - start)
+            self.registry.close("run complete")
+            if not config.learner.exit_when_done and not self.stop.is_set():
+                log.info("run complete; staying up until stopped (learner.exit_when_done=false)")
+                self.stop.wait()
         finally:
             self.registry.close("learner stopping")
             server.stop(grace=2.0)

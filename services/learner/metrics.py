@@ -118,6 +118,9 @@ class LearnerMetrics(SharedMetrics):
             ["generator"],
             registry=r,
         )
+        self.max_staleness = Gauge(
+            "lpreg_learner_max_staleness", "Configured max_staleness (policy versions).", registry=r
+        )
         self.group_epoch = Gauge("lpreg_learner_group_epoch", "Broadcast group epoch.", registry=r)
         self.checkpoint_seconds = Histogram(
             "lpreg_learner_checkpoint_seconds",

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "tiny" / "config.yaml"
 
 
-def lpreg(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def lpreg(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "services.cli", *args],
         cwd=ROOT,
@@ -40,17 +42,25 @@ def test_config_show_prints_resolved_overrides() -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_unreachable_redis_is_a_clear_error_after_bounded_retries(free_port, tmp_path: Path) -> None:
+def test_unreachable_redis_is_a_clear_error_after_bounded_retries(
+    free_port, tmp_path: Path
+) -> None:
     port = free_port()
     proc = lpreg(
         "learner",
         str(CONFIG),
-        "--set", "redis.connect_retries=2",
-        "--set", "redis.retry_backoff_s=0.05",
-        "--set", f"local.run_dir={tmp_path}",
-        "--set", "control.port=0",
-        "--set", "broadcast.store_port=0",
-        "--set", "metrics.learner_port=0",
+        "--set",
+        "redis.connect_retries=2",
+        "--set",
+        "redis.retry_backoff_s=0.05",
+        "--set",
+        f"local.run_dir={tmp_path}",
+        "--set",
+        "control.port=0",
+        "--set",
+        "broadcast.store_port=0",
+        "--set",
+        "metrics.learner_port=0",
         env={"LPREG_REDIS_URL": f"redis://127.0.0.1:{port}/0", "LPREG_AUTH_TOKEN": "t0ken"},
     )
     assert proc.returncode == 1
@@ -63,8 +73,20 @@ def test_unreachable_redis_is_a_clear_error_after_bounded_retries(free_port, tmp
 def test_learner_refuses_to_start_without_auth_token(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "LPREG_AUTH_TOKEN"}
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "learner", str(CONFIG), "--set", f"local.run_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "learner",
+            str(CONFIG),
+            "--set",
+            f"local.run_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 1
     assert "LPREG_AUTH_TOKEN" in proc.stderr

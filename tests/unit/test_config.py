@@ -63,7 +63,9 @@ def test_cross_field_check_explains_itself() -> None:
 
 
 def test_overrides_parse_yaml_values() -> None:
-    config = load_config(None, ["learner.steps=7", "learner.loss.type=grpo", "control.tls_ca_file=null"])
+    config = load_config(
+        None, ["learner.steps=7", "learner.loss.type=grpo", "control.tls_ca_file=null"]
+    )
     assert config.learner.steps == 7
     assert isinstance(config.learner.loss, GRPOConfig)
 

@@ -21,7 +21,11 @@ def test_arithmetic_source_is_deterministic_and_resumable() -> None:
 def test_jsonl_source_shuffles_per_epoch(tmp_path: Path) -> None:
     path = tmp_path / "tasks.jsonl"
     path.write_text("\n".join(json.dumps({"q": f"q{i}", "a": i}) for i in range(5)) + "\n")
-    src = make_source(JsonlTaskConfig(path=str(path), prompt_field="q", answer_field="a", prompt_template="Q: {prompt}"))
+    src = make_source(
+        JsonlTaskConfig(
+            path=str(path), prompt_field="q", answer_field="a", prompt_template="Q: {prompt}"
+        )
+    )
     first = [src.at(i).problem.prompt for i in range(5)]
     second = [src.at(i).problem.prompt for i in range(5, 10)]
     assert sorted(first) == sorted(second) == [f"Q: q{i}" for i in range(5)]

@@ -105,7 +105,7 @@ class HFBackend:
         limit = torch.tensor(limits)
         past = None
         step_ids = input_ids
-        for step in range(max_new):
+        for _step in range(max_new):
             positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
             with self._lock:
                 out = self._model(

@@ -1,0 +1,183 @@
+"""A whole lpreg deployment on one machine, as real processes: redis-server, the learner and
+generators. `lpreg local`, the fault-injection benchmark and the fault tests drive it; each
+component can be started, killed and restarted on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import redis as redis_lib
+
+log = logging.getLogger("lpreg.local")
+
+# SIGTERM first; whatever is still alive after this is killed.
+TERMINATE_GRACE_S = 10.0
+REDIS_START_TIMEOUT_S = 15.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalCluster:
+    """Processes of one run. Ports are picked once, so restarted components come back on the
+    same addresses (a restarted learner is found again by the generators)."""
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        run_dir: Path,
+        overrides: list[str] | None = None,
+        *,
+        redis_server: str = "redis-server",
+        redis_url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config_path = str(config_path)
+        self.run_dir = run_dir
+        self.logs = run_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.redis_binary = redis_server
+        self.redis_url = redis_url
+        self.redis_port: int | None = None
+        self.grpc_port, self.store_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.env = dict(os.environ)
+        self.env.update(
+            LPREG_AUTH_TOKEN=secrets.token_hex(16), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"
+        )
+        self.env.update(env or {})
+        self.overrides = [
+            *(overrides or []),
+            f"local.run_dir={run_dir}",
+            f"control.port={self.grpc_port}",
+            f"control.learner_address=127.0.0.1:{self.grpc_port}",
+            f"broadcast.store_port={self.store_port}",
+            f"metrics.learner_port={self.metrics_port}",
+        ]
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.learner: subprocess.Popen[bytes] | None = None
+        self.generators: dict[str, subprocess.Popen[bytes]] = {}
+        self._files: list[IO[bytes]] = []
+
+    # -- processes ----------------------------------------------------------------------------
+    def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        out = open(self.logs / log_name, "ab")  # noqa: SIM115 - closed in stop_all
+        self._files.append(out)
+        # A session of its own: Ctrl-C reaches only the launcher, which stops children in order.
+        return subprocess.Popen(
+            argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def _lpreg(self, *args: str, extra: list[str] | None = None) -> list[str]:
+        sets = [a for o in [*self.overrides, *(extra or [])] for a in ("--set", o)]
+        return [sys.executable, "-m", "services.cli", *args, self.config_path, *sets]
+
+    def start_redis(self) -> str:
+        binary = shutil.which(self.redis_binary)
+        if binary is None:
+            raise RuntimeError(
+                f"{self.redis_binary!r} not found on PATH: install Redis "
+                "(Debian/Ubuntu: `sudo apt-get install redis-server`, or `make setup` as root)"
+            )
+        if self.redis_port is None:
+            self.redis_port = free_port()
+        data = self.run_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [
+            binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(data),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+        ]  # fmt: skip
+        self.redis = self._spawn(argv, "redis.log")
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self._wait_redis()
+        self.env["LPREG_REDIS_URL"] = self.redis_url
+        return self.redis_url
+
+    def _wait_redis(self) -> None:
+        assert self.redis_url is not None
+        client = redis_lib.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis_lib.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"redis-server did not answer at {self.redis_url}; see {self.logs}/redis.log"
+                        ) from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def restart_redis(self) -> None:
+        """Stop redis-server (it flushes its append-only file) and start it again in place."""
+        if self.redis is not None:
+            self.redis.terminate()
+            self.redis.wait(timeout=TERMINATE_GRACE_S)
+        self.start_redis()
+
+    def use_redis(self, url: str) -> None:
+        self.redis_url = url
+        self.env["LPREG_REDIS_URL"] = url
+
+    def start_learner(self, *, resume: bool = False) -> subprocess.Popen[bytes]:
+        argv = self._lpreg("learner")
+        if resume:
+            argv.append("--resume")
+        self.learner = self._spawn(argv, "learner.log")
+        return self.learner
+
+    def start_generator(self, generator_id: str) -> subprocess.Popen[bytes]:
+        argv = self._lpreg("generator", extra=[f"metrics.generator_port={free_port()}"]) + [
+            "--id",
+            generator_id,
+        ]
+        proc = self._spawn(argv, f"{generator_id}.log")
+        self.generators[generator_id] = proc
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGKILL) -> None:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=TERMINATE_GRACE_S)
+
+    def all_processes(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        procs = [(gid, p) for gid, p in self.generators.items()]
+        if self.learner is not None:
+            procs.append(("learner", self.learner))
+        if self.redis is not None:
+            procs.append(("redis-server", self.redis))
+        return procs
+
+    def stop_all(self) -> None:
+        """SIGTERM everything still running (generators, learner, then redis), then SIGKILL."""
+        procs = self.all_processes()
+        for _name, proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + TERMINATE_GRACE_S
+        for name, proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
+                proc.kill()
+                proc.wait()
+        for f in self._files:
+            f.close()
+        self._files = []
