@@ -5,6 +5,7 @@ component can be started, killed and restarted on its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -181,3 +182,31 @@ class LocalCluster:
         for f in self._files:
             f.close()
         self._files = []
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, object]]:
+    """The learner's per-step records so far (a resumed learner appends replayed steps)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip().endswith("}")]
+
+
+def wait_for_step(
+    cluster: LocalCluster, step: int, timeout_s: float, poll_s: float = 0.2
+) -> list[dict[str, object]]:
+    """Block until the learner logged `step` (or fail, naming the logs to read)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = read_metrics(cluster.run_dir)
+        if any(int(r["step"]) >= step for r in rows):  # type: ignore[call-overload]
+            return rows
+        if cluster.learner is not None and cluster.learner.poll() is not None:
+            raise RuntimeError(
+                f"learner exited ({cluster.learner.returncode}) before step {step}; "
+                f"see {cluster.logs}/learner.log"
+            )
+        time.sleep(poll_s)
+    raise TimeoutError(f"no step {step} within {timeout_s}s; see {cluster.logs}")

@@ -119,7 +119,9 @@ app.kubernetes.io/component: {{ .component }}
 {{/*
 The config file: the user's `config` block with the fields that depend on this deployment
 (bind addresses, ports, Service addresses, run directory) taken from the component blocks. The
-learner binds everything on 0.0.0.0 and tells generators to dial its Service.
+learner binds everything on 0.0.0.0 and tells generators to dial its Service. A StatefulSet
+restarts any container that exits, so a learner that exited after its last step would loop
+(resume, find nothing to do, exit); it stays up instead (learner.exit_when_done=false).
 */}}
 {{- define "lpreg.config" -}}
 {{- $deployment := dict
@@ -138,6 +140,7 @@ learner binds everything on 0.0.0.0 and tells generators to dial its Service.
     "generator_port" (int .Values.generator.ports.metrics))
   "redis" (dict "url" (include "lpreg.redis.url" .))
   "local" (dict "run_dir" (printf "%s/runs/{run_id}" .Values.learner.persistence.mountPath))
+  "learner" (dict "exit_when_done" false)
 }}
 {{- toYaml (mergeOverwrite (deepCopy (.Values.config | default dict)) $deployment) }}
 {{- end }}

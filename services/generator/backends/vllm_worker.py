@@ -1,0 +1,155 @@
+"""The part of the vLLM backend that runs inside every vLLM worker process.
+
+vLLM mixes this class into its worker class (``worker_extension_cls``); the backend reaches it with
+``collective_rpc("lpreg_...")``, which runs the method on every worker at once. Each worker is a
+rank of its own in the learner's broadcast group (rank = JoinGroup.rank_offset + the worker's
+vLLM rank), so a tensor-parallel engine receives the full weights on every shard and
+``reload_weights`` slices them as at start-up.
+
+Arguments cross the process boundary through vLLM's RPC serialiser, which turns tensors into
+nested lists; everything here therefore travels as protobuf bytes and plain numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpreg_core.weights import manifest_from_proto
+from lpreg_core.wire.lpreg.v1 import control_pb2
+from services.common.broadcast import WeightReceiver
+
+log = logging.getLogger("lpreg.generator.vllm_worker")
+
+# Checkpoint names that a learner never sends although the checkpoint may hold them: with tied
+# embeddings the output projection is the input embedding (the learner's named_parameters()
+# lists it once), and vLLM's loaders skip it.
+_TIED_OUTPUT_NAME = "lm_head.weight"
+# Bytes of the little-endian header length that opens every safetensors file.
+_SAFETENSORS_LEN_BYTES = 8
+
+
+def checkpoint_tensor_names(model_dir: str | Path) -> set[str]:
+    """Tensor names stored in the safetensors files of a Hugging Face model directory.
+
+    Reads only the JSON headers, so it costs nothing for large models.
+    """
+    names: set[str] = set()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    for path in files:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(_SAFETENSORS_LEN_BYTES))
+            header: dict[str, Any] = json.loads(f.read(length))
+        names.update(k for k in header if k != "__metadata__")
+    return names
+
+
+def check_weight_names(sent: set[str], expected: set[str], tied: bool) -> None:
+    """Raise ValueError unless ``sent`` covers exactly the checkpoint's tensors.
+
+    vLLM reloads layer by layer and processes a layer that got only part of its weights with
+    whatever the rest holds, so a partial publish would silently corrupt the model: it is
+    rejected before anything is loaded.
+    """
+    if tied:
+        expected = expected - {_TIED_OUTPUT_NAME}
+        sent = sent - {_TIED_OUTPUT_NAME}
+    missing, unexpected = sorted(expected - sent), sorted(sent - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"published weights do not match the generator's checkpoint: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+
+
+class LpregWorkerExtension:
+    """Broadcast membership and in-place weight reloads for one vLLM worker.
+
+    ``self`` is vLLM's worker (CPUWorker or the GPU Worker): ``self.rank`` is its rank in the
+    engine, ``self.device`` its device and ``self.reload_weights`` its in-place loader. Method
+    names carry an ``lpreg_`` prefix because vLLM refuses extensions that shadow worker methods.
+    """
+
+    # Set by vLLM's worker; declared for readers (annotations add no attribute that could
+    # clash with the worker's own).
+    rank: int
+    device: torch.device
+    vllm_config: Any
+
+    def _lpreg_receiver(self) -> WeightReceiver:
+        receiver = getattr(self, "_lpreg_weight_receiver", None)
+        if receiver is None:
+            receiver = WeightReceiver()
+            self._lpreg_weight_receiver = receiver
+        return receiver
+
+    def _lpreg_expected_names(self) -> tuple[set[str], bool]:
+        cached = getattr(self, "_lpreg_checkpoint_names", None)
+        if cached is None:
+            model_config = self.vllm_config.model_config
+            tied = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
+            cached = (checkpoint_tensor_names(model_config.model), tied)
+            self._lpreg_checkpoint_names = cached
+        return cached
+
+    def lpreg_join(self, join_bytes: bytes) -> int:
+        """Join the epoch's group as rank ``rank_offset + self.rank``; returns that rank."""
+        join = control_pb2.JoinGroup.FromString(join_bytes)
+        rank = join.rank_offset + self.rank
+        self._lpreg_receiver().join(
+            epoch=join.epoch,
+            rank=rank,
+            world_size=join.world_size,
+            store_host=join.store_host,
+            store_port=join.store_port,
+            backend=join.backend,
+            timeout_s=join.timeout_s,
+            device=self.device if join.backend == "nccl" else "cpu",
+        )
+        return rank
+
+    def lpreg_receive_and_load(self, manifest_bytes: bytes, timeout_s: float) -> dict[str, Any]:
+        """Receive one publish, verify it, and reload the weights in place.
+
+        The engine is paused by the caller, so no forward pass runs while tensors change. The
+        checksum and the weight names are checked before the first tensor is written, so a bad
+        publish leaves the old weights intact. Returns what was loaded, for the caller to check.
+        """
+        manifest = manifest_from_proto(control_pb2.WeightManifest.FromString(manifest_bytes))
+        start = time.monotonic()
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        named = self._lpreg_receiver().receive(manifest, device, timeout_s)
+        received_s = time.monotonic() - start
+        expected, tied = self._lpreg_expected_names()
+        check_weight_names({name for name, _ in named}, expected, tied)
+        if tied:
+            named = [(n, t) for n, t in named if n != _TIED_OUTPUT_NAME]
+        with torch.no_grad():
+            self.reload_weights(  # type: ignore[attr-defined]
+                weights_iterator=iter(named), is_checkpoint_format=True)
+        return {
+            "rank": self.rank,
+            "version": manifest.version,
+            "checksum": manifest.checksum,
+            "receive_s": received_s,
+            "load_s": time.monotonic() - start - received_s,
+        }
+
+    def lpreg_leave(self) -> None:
+        receiver = getattr(self, "_lpreg_weight_receiver", None)
+        if receiver is not None:
+            receiver.leave()
+
+    def lpreg_close(self) -> None:
+        receiver = getattr(self, "_lpreg_weight_receiver", None)
+        if receiver is not None:
+            receiver.close()
