@@ -180,6 +180,13 @@ class VLLMBackendConfig(_Section):
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation.")
     max_num_seqs: int = Field(256, ge=1, description="vLLM scheduler's concurrent sequences.")
     max_model_len: int | None = Field(None, ge=1, description="Context length (None = model's).")
+    cpu_omp_threads_bind: str = Field(
+        "nobind",
+        description="CPU only: VLLM_CPU_OMP_THREADS_BIND of the engine's workers. 'nobind' lets "
+        "their generator.num_threads threads float, so several generators share a machine; "
+        "'auto' pins each worker to cores of vLLM's choice (a machine of its own); or explicit "
+        "core lists per worker such as '0-3|4-7'.",
+    )
 
 
 BackendConfig = Annotated[HFBackendConfig | VLLMBackendConfig, Field(discriminator="type")]
@@ -226,7 +233,7 @@ class RedisConfig(_Section):
     retry_backoff_s: float = Field(
         0.25, gt=0.0, description="First retry delay (doubles each time)."
     )
-    retry_backoff_max_s: float = Field(5.0, gt=0.0, description="Longest retry delay.")
+    retry_backoff_max_s: float = Field(2.0, gt=0.0, description="Longest retry delay.")
 
 
 class ControlConfig(_Section):
@@ -253,12 +260,12 @@ class ControlConfig(_Section):
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
     )
     retry_attempts: int = Field(
-        30, ge=1, description="Generator tries to reach the learner before giving up."
+        90, ge=1, description="Generator tries to reach the learner before giving up."
     )
     retry_backoff_s: float = Field(
         0.25, gt=0.0, description="First retry delay (doubles each time)."
     )
-    retry_backoff_max_s: float = Field(5.0, gt=0.0, description="Longest retry delay.")
+    retry_backoff_max_s: float = Field(2.0, gt=0.0, description="Longest retry delay.")
 
 
 class BroadcastConfig(_Section):

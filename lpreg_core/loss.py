@@ -377,11 +377,13 @@ def _grad_logits_inplace(
     grad_entropy: Tensor | None,
     temperature: float,
     prob_buf: Tensor | None,
+    vocab_offset: int = 0,
 ) -> Tensor:
-    """d(sum g_lp log p(o) + sum g_H H) / dz for (R, V) raw logits held in buf (overwritten).
+    """d(sum g_lp log p(o) + sum g_H H) / dz for (R, W) raw logits held in buf (overwritten).
 
     With log p = z / T - lse:  d log p(o) / dz = (onehot(o) - p) / T  and  dH / dz = -p (log p + H) / T.
-    prob_buf, an (R, V) buffer, is needed only for the entropy term.
+    buf may hold a vocabulary slice [vocab_offset, vocab_offset + W): the row statistics lse and
+    H are of the whole row. prob_buf, an (R, W) buffer, is needed only for the entropy term.
     """
     dtype = buf.dtype
     if temperature != 1.0:
@@ -400,7 +402,9 @@ def _grad_logits_inplace(
     else:
         return buf.zero_()
     if g_lp is not None:
-        buf.scatter_add_(-1, tokens.unsqueeze(-1), g_lp)
+        local = tokens - vocab_offset
+        rows = ((local >= 0) & (local < buf.shape[-1])).nonzero().squeeze(-1)
+        buf.index_put_((rows, local[rows]), g_lp.squeeze(-1)[rows], accumulate=True)
     if temperature != 1.0:
         buf.div_(temperature)
     return buf
@@ -813,8 +817,9 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, out: Tensor) -> Tensor:
 class _FusedTokenStats(torch.autograd.Function):
     """log_probs and entropy of hidden @ W.T, recomputing one chunk of logits at a time.
 
-    Forward keeps only (N,) results and the log-normaliser; backward recomputes each (chunk, V)
-    block of logits, forms d/dlogits in place and feeds the two matmuls for hidden and W.
+    Forward keeps only (N,) results and the log-normaliser; backward recomputes the logits one
+    (N, vocabulary block) at a time, forms d/dlogits in place and feeds the matmuls for hidden
+    and W.
     """
 
     @staticmethod
@@ -883,37 +888,48 @@ class _FusedTokenStats(torch.autograd.Function):
         chunk_size: int = ctx.chunk_size
         num_rows, vocab = hidden.shape[0], weight.shape[0]
         dtype = lse.dtype
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # Half-precision weights accumulate their gradient over chunks in float32.
-        weight_acc_dtype = _compute_dtype(weight.dtype)
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=weight_acc_dtype, device=weight.device)
-            if need_weight
+        # Backward needs no row-wide threshold, so it walks the vocabulary instead of the tokens:
+        # each weight row's gradient is then written once (no read-modify-write of a V x H
+        # accumulator per chunk) and all three matmuls see the full token dimension. The block
+        # holds as many elements as a forward chunk.
+        block = max(1, min(vocab, (chunk_size * vocab) // max(num_rows, 1)))
+        acc_dtype = _compute_dtype(weight.dtype)
+        hidden_acc = hidden.to(acc_dtype)
+        grad_hidden = (
+            torch.zeros(hidden.shape, dtype=acc_dtype, device=hidden.device)
+            if need_hidden
             else None
         )
-        rows = min(chunk_size, num_rows)
-        logits_buf = torch.empty((rows, vocab), dtype=dtype, device=hidden.device)
-        prob_buf = torch.empty_like(logits_buf) if grad_entropy is not None else None
-        for start in range(0, num_rows, chunk_size):
-            stop = min(num_rows, start + chunk_size)
-            n = stop - start
-            h = hidden[start:stop]
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        logits_storage = torch.empty(num_rows * block, dtype=dtype, device=hidden.device)
+        prob_storage = torch.empty_like(logits_storage) if grad_entropy is not None else None
+        g_lp = None if grad_log_probs is None else grad_log_probs.to(dtype)
+        g_ent = None if grad_entropy is None else grad_entropy.to(dtype)
+        for start in range(0, vocab, block):
+            stop = min(vocab, start + block)
+            width = stop - start
+            weight_block = weight[start:stop]
+            logits = logits_storage[: num_rows * width].view(num_rows, width)
             grad = _grad_logits_inplace(
-                _chunk_logits(h, weight, logits_buf[:n]),
-                tokens[start:stop],
-                lse[start:stop],
-                entropy[start:stop],
-                None if grad_log_probs is None else grad_log_probs[start:stop],
-                None if grad_entropy is None else grad_entropy[start:stop],
+                _chunk_logits(hidden, weight_block, logits),
+                tokens,
+                lse,
+                entropy,
+                g_lp,
+                g_ent,
                 temperature,
-                None if prob_buf is None else prob_buf[:n],
+                None
+                if prob_storage is None
+                else prob_storage[: num_rows * width].view(num_rows, width),
+                vocab_offset=start,
             )
+            grad = grad.to(acc_dtype)
             if grad_hidden is not None:
-                grad_hidden[start:stop] = torch.mm(grad.to(weight.dtype), weight)
+                grad_hidden.addmm_(grad, weight_block.to(acc_dtype))
             if grad_weight is not None:
-                grad_weight.addmm_(grad.t().to(weight_acc_dtype), h.to(weight_acc_dtype))
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+                grad_weight[start:stop] = torch.mm(grad.t(), hidden_acc)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         return (grad_hidden, grad_weight, *nones)
 
 

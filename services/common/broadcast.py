@@ -566,8 +566,16 @@ class WeightReceiver:
         context = f"epoch {epoch}, rank {rank}/{world_size}, store {store_host}:{store_port}"
         store = self._connect_store(store_host, store_port, deadline, context)
         epoch_store = _epoch_store(store, epoch)
+        announce = f"{socket.gethostname()}:{os.getpid()}"
         try:
-            epoch_store.set(_joined_key(rank), f"{socket.gethostname()}:{os.getpid()}")
+            epoch_store.set(_joined_key(rank), announce)
+        except dist.DistError:
+            # A learner restarted on the same address leaves our cached connection dead.
+            self._drop_store()
+            store = self._connect_store(store_host, store_port, deadline, context)
+            epoch_store = _epoch_store(store, epoch)
+        try:
+            epoch_store.set(_joined_key(rank), announce)
             while True:
                 if epoch_store.check([_ABORTED_KEY]):
                     reason = epoch_store.get(_ABORTED_KEY).decode(errors="replace")

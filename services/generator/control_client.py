@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -141,6 +142,7 @@ class ControlClient:
         self._session: control_pb2.RegisterResponse | None = None
         self._registrations = 0
         self._learner_version = 0
+        self._last_contact = float("-inf")
         self._stream_call: grpc.Call | None = None
         self._heartbeat_thread: threading.Thread | None = None
 
@@ -164,6 +166,12 @@ class ControlClient:
             return self._learner_version
 
     @property
+    def seconds_since_contact(self) -> float:
+        """Time since the learner last answered a registration or heartbeat."""
+        with self._lock:
+            return time.monotonic() - self._last_contact
+
+    @property
     def closed(self) -> bool:
         return self._closed.is_set()
 
@@ -184,6 +192,7 @@ class ControlClient:
                 self._session = response
                 self._registrations += 1
                 self._learner_version = response.current_version
+                self._last_contact = time.monotonic()
         logger.info(
             "registered with learner %s as %s (session %s, run %s, version %d)",
             self.address,
@@ -292,6 +301,7 @@ class ControlClient:
                 failing = False
             with self._lock:
                 self._learner_version = response.current_version
+                self._last_contact = time.monotonic()
 
     def _on_heartbeat_error(self, err: grpc.RpcError, session_id: str, failing: bool) -> bool:
         """Handle one failed heartbeat; returns whether heartbeats are now failing."""

@@ -56,6 +56,8 @@ class Generator:
         self.weights_current = threading.Event()
         self.tokens_generated = 0
         self.failed = False
+        # Newest policy version the learner announced (publish events, heartbeat replies).
+        self.announced_version = 0
         self.in_flight = 0
         self.streams = RedisStreams(
             config.redis,
@@ -126,6 +128,7 @@ class Generator:
         )
 
     def _load(self, publish: control_pb2.PublishWeights) -> None:
+        self.announced_version = max(self.announced_version, publish.version)
         manifest = manifest_from_proto(publish.manifest)
         start = time.monotonic()
         try:
@@ -222,6 +225,14 @@ class Generator:
             self.in_flight = 0
             self.metrics.tasks_in_flight.set(0)
 
+    def _too_far_behind(self) -> bool:
+        """Everything sampled now would likely be dropped as stale: wait for newer weights (or
+        for the learner to come back) instead of spending compute on it."""
+        if self.control.seconds_since_contact > self.config.generator.heartbeat_ttl_s:
+            return True
+        learner = max(self.announced_version, self.control.learner_version or 0)
+        return learner - self.backend.version > self.config.learner.max_staleness
+
     def _heartbeat_state(self) -> tuple[int, int, int]:
         try:
             self.streams.heartbeat(self.id, self.config.generator.heartbeat_ttl_s)
@@ -244,7 +255,8 @@ class Generator:
         control.start()
         log.info("generator %s serving run %s", self.id, self.config.run_id)
         while not self.stop.is_set():
-            if not self.weights_current.wait(timeout=0.5):
+            if not self.weights_current.wait(timeout=0.5) or self._too_far_behind():
+                time.sleep(0.05)
                 continue
             self._sample_once()
         log.info("generator %s stopping", self.id)

@@ -413,7 +413,16 @@ class Learner:
         self.streams.connect()
         self.streams.ensure_groups()
         self._adopt_ledger(self.resumed)
+        published = self.streams.get_version()
+        if self.resumed and published is not None and published >= self.version:
+            # Versions past the checkpoint were published by the lost process: the restored
+            # weights get a fresh number, so the version sequence never repeats or goes back.
+            log.info(
+                "restored weights become v%d (v%d was published before)", published + 1, published
+            )
+            self.version = published + 1
         self.streams.set_version(self.version)
+        self.metrics.policy_version.set(self.version)
         sender = WeightSender(config.broadcast, self.device)
         backend = sender.backend
         advertise = config.broadcast.advertise_host or config.broadcast.store_host

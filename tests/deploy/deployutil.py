@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -18,7 +19,8 @@ DEPLOY = REPO / "deploy"
 CHART = DEPLOY / "helm" / "lpreg"
 DASHBOARDS = CHART / "dashboards"
 PROMETHEUS = DEPLOY / "prometheus"
-RULES = PROMETHEUS / "rules" / "lpreg.rules.yml"
+# The one copy of the rules: shipped by the chart, mounted by the compose Prometheus.
+RULES = CHART / "rules" / "lpreg.rules.yml"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_CONFIG = DEPLOY / "compose" / "config.yaml"
 VENV_BIN = Path(sys.executable).parent
@@ -95,3 +97,54 @@ def render(values: dict[str, Any]) -> Rendered:
             if doc:
                 objects.append(doc)
     return Rendered(values=values, objects=objects, templates=templates)
+
+
+def rules() -> list[dict[str, Any]]:
+    """Every recording rule and alert of the rules file."""
+    return [
+        rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+    ]
+
+
+def load_dashboard(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def dashboard_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))
+    return out
+
+
+def dashboard_expressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of every panel."""
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard_panels(dashboard)
+        for target in panel.get("targets", [])
+    ]
+
+
+def dashboard_variable_queries(dashboard: dict[str, Any]) -> list[str]:
+    """The series selectors inside label_values(...) queries of the template variables."""
+    out = []
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            match = re.fullmatch(r"label_values\((.+),\s*\w+\)", query)
+            assert match, f"variable {var['name']}: {query}"
+            out.append(match.group(1))
+    return out
+
+
+def used_metric_names() -> set[str]:
+    """Series names (not recording-rule names) that the dashboards and the rules query."""
+    used = {name for rule in rules() for name in METRIC_NAME.findall(rule["expr"])}
+    for path in DASHBOARDS.glob("*.json"):
+        dashboard = load_dashboard(path)
+        exprs = [expr for _, expr in dashboard_expressions(dashboard)]
+        exprs += dashboard_variable_queries(dashboard)
+        used |= {name for expr in exprs for name in METRIC_NAME.findall(expr)}
+    return used

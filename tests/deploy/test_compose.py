@@ -28,6 +28,19 @@ def test_compose_lpreg_config_loads(tmp_path: Path) -> None:
     assert config.broadcast.advertise_host == "learner"
 
 
+def test_finished_learner_stays_down() -> None:
+    from lpreg_core.config import load_config
+
+    # Exit 0 after the last step plus on-failure: done means stopped, not restarted.
+    assert load_config(COMPOSE_CONFIG).learner.exit_when_done is True
+    assert compose()["services"]["learner"]["restart"] == "on-failure"
+
+
+def test_prometheus_loads_the_chart_rules() -> None:
+    volumes = compose()["services"]["prometheus"]["volumes"]
+    assert "./deploy/helm/lpreg/rules:/etc/prometheus/rules:ro" in volumes
+
+
 def test_generator_scales() -> None:
     generator = compose()["services"]["generator"]
     # --scale generator=N: a fixed name or host port would collide between replicas.

@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from deployutil import DASHBOARDS, METRIC_NAME, run_tool
+from deployutil import (
+    DASHBOARDS,
+    METRIC_NAME,
+    dashboard_expressions,
+    dashboard_panels,
+    dashboard_variable_queries,
+    load_dashboard,
+    run_tool,
+)
 
 DASHBOARD_FILES = sorted(DASHBOARDS.glob("*.json"))
 VARIABLES = {"datasource", "namespace", "run"}
@@ -25,50 +32,18 @@ SUBSTITUTIONS = {
 SELECTOR = re.compile(r"\b(lpreg_[a-z0-9_]+)\s*(\{[^}]*\})?")
 
 
-def load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
-def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for panel in dashboard["panels"]:
-        out.append(panel)
-        out.extend(panel.get("panels", []))
-    return out
-
-
-def expressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    return [
-        (panel["title"], target["expr"])
-        for panel in panels(dashboard)
-        for target in panel.get("targets", [])
-    ]
-
-
-def variable_queries(dashboard: dict[str, Any]) -> list[str]:
-    """The series selectors inside label_values(...) queries of the template variables."""
-    out = []
-    for var in dashboard["templating"]["list"]:
-        if var["type"] == "query":
-            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
-            match = re.fullmatch(r"label_values\((.+),\s*\w+\)", query)
-            assert match, f"variable {var['name']}: {query}"
-            out.append(match.group(1))
-    return out
-
-
 def test_dashboards_exist() -> None:
     assert [p.name for p in DASHBOARD_FILES] == ["lpreg-training.json"]
 
 
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
 def test_structure(path: Path) -> None:
-    dashboard = load(path)
+    dashboard = load_dashboard(path)
     assert dashboard["uid"] and dashboard["title"]
-    ids = [panel["id"] for panel in panels(dashboard)]
+    ids = [panel["id"] for panel in dashboard_panels(dashboard)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     occupied: set[tuple[int, int]] = set()
-    for panel in panels(dashboard):
+    for panel in dashboard_panels(dashboard):
         grid = panel["gridPos"]
         assert set(grid) == {"h", "w", "x", "y"}, panel["title"]
         assert grid["x"] + grid["w"] <= 24, panel["title"]
@@ -89,7 +64,7 @@ def test_structure(path: Path) -> None:
 
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
 def test_templating(path: Path) -> None:
-    variables = {var["name"]: var for var in load(path)["templating"]["list"]}
+    variables = {var["name"]: var for var in load_dashboard(path)["templating"]["list"]}
     assert set(variables) >= VARIABLES
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
@@ -100,7 +75,7 @@ def test_templating(path: Path) -> None:
 
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
 def test_every_selector_is_filtered_by_namespace_and_run(path: Path) -> None:
-    for title, expr in expressions(load(path)):
+    for title, expr in dashboard_expressions(load_dashboard(path)):
         selectors = SELECTOR.findall(expr)
         assert selectors, f"{title}: no lpreg metric in {expr}"
         for name, matchers in selectors:
@@ -112,9 +87,11 @@ def test_every_selector_is_filtered_by_namespace_and_run(path: Path) -> None:
 
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
 def test_every_metric_is_exported(path: Path, series_names: set[str]) -> None:
-    dashboard = load(path)
-    used = {name for _, expr in expressions(dashboard) for name in METRIC_NAME.findall(expr)}
-    used |= {name for q in variable_queries(dashboard) for name in METRIC_NAME.findall(q)}
+    dashboard = load_dashboard(path)
+    used = {
+        name for _, expr in dashboard_expressions(dashboard) for name in METRIC_NAME.findall(expr)
+    }
+    used |= {name for q in dashboard_variable_queries(dashboard) for name in METRIC_NAME.findall(q)}
     missing = used - series_names
     assert not missing, f"metrics not exported by the services: {sorted(missing)}"
 
@@ -129,8 +106,10 @@ def substitute(expr: str) -> str:
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
 def test_promql_parses(path: Path, promtool: str, tmp_path: Path) -> None:
     """promtool parses each expression offline as a recording rule."""
-    dashboard = load(path)
-    exprs = [expr for _, expr in expressions(dashboard)] + variable_queries(dashboard)
+    dashboard = load_dashboard(path)
+    exprs = [expr for _, expr in dashboard_expressions(dashboard)] + dashboard_variable_queries(
+        dashboard
+    )
     rules = [
         {"record": f"dashboard:expr_{i}", "expr": substitute(expr)} for i, expr in enumerate(exprs)
     ]

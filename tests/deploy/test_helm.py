@@ -15,10 +15,12 @@ from deployutil import (
     KUBE_VERSION,
     NAMESPACE,
     RELEASE,
+    RULES,
     VALUES_FILES,
     Rendered,
     load_values,
     render,
+    run_tool,
 )
 
 # Kinds the chart may emit. kubernetes-validate has schemas for the built-in ones; the Prometheus
@@ -34,7 +36,7 @@ BUILTIN_KINDS = {
     "ServiceAccount",
     "StatefulSet",
 }
-CRD_KINDS = {"PodMonitor", "ServiceMonitor"}
+CRD_KINDS = {"PodMonitor", "PrometheusRule", "ServiceMonitor"}
 
 SERVICE_SECRET_ENV = {"LPREG_AUTH_TOKEN", "LPREG_REDIS_PASSWORD"}
 
@@ -356,6 +358,38 @@ def test_pod_and_service_monitor_are_exclusive() -> None:
     both = {"monitoring": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}}
     with pytest.raises(helm_python.HelmError, match="scrape every pod twice"):
         render(both)
+
+
+def test_prometheus_rule_only_when_enabled(rendered: Rendered) -> None:
+    monitoring = rendered.values.get("monitoring", {})
+    enabled = monitoring.get("prometheusRule", {}).get("enabled", False)
+    rules = rendered.of_kind("PrometheusRule")
+    assert len(rules) == (1 if enabled else 0)
+
+
+def test_prometheus_rule_is_the_rules_file(promtool: str, tmp_path: Path) -> None:
+    r = render({"monitoring": {"prometheusRule": {"enabled": True, "labels": {"release": "p"}}}})
+    (rule,) = r.of_kind("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "p"
+    assert set(rule["spec"]) == {"groups"}
+    # Verbatim, so Prometheus's own {{ $labels.* }} templates survive Helm's rendering.
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    shipped = tmp_path / "shipped.rules.yml"
+    shipped.write_text(yaml.safe_dump(rule["spec"]))
+    run_tool([promtool, "check", "rules", str(shipped)])
+
+
+def test_finished_learner_stays_up(rendered: Rendered, tmp_path: Path) -> None:
+    """The StatefulSet restarts a learner that exits, so the chart keeps it up after its steps."""
+    from lpreg_core.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(rendered))
+    assert load_config(path).learner.exit_when_done is False
+    forced = render({"config": {"learner": {"exit_when_done": True, "steps": 7}}})
+    assert config_of(forced)["learner"]["exit_when_done"] is False
+    assert config_of(forced)["learner"]["steps"] == 7
 
 
 def test_dashboards_are_configmaps_from_the_chart_files(rendered: Rendered) -> None:

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
-from deployutil import METRIC_NAME, PROMETHEUS, RULES, run_tool
+from deployutil import (
+    COMPOSE_FILE,
+    DEPLOY,
+    METRIC_NAME,
+    PROMETHEUS,
+    REPO,
+    RULES,
+    rules,
+    run_tool,
+)
 
 RULE_TESTS = RULES.with_name("lpreg.rules.test.yml")
 ALERTS = {
@@ -18,16 +28,28 @@ ALERTS = {
 }
 
 
-def rules() -> list[dict]:
-    return [
-        rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
-    ]
+def compose_etc_prometheus(root: Path) -> Path:
+    """/etc/prometheus as the compose Prometheus container sees it: its bind mounts, as symlinks."""
+    service = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["prometheus"]
+    for mount in service["volumes"]:
+        source, target = mount.split(":")[:2]
+        if source.startswith("./") and target.startswith("/etc/prometheus/"):
+            link = root / target.removeprefix("/etc/prometheus/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((REPO / source).resolve())
+    return root
 
 
-def test_check_config(promtool: str) -> None:
-    out = run_tool([promtool, "check", "config", "prometheus.yml"], cwd=PROMETHEUS)
-    # The rule files are found through the relative glob the container uses as well.
+def test_check_config(promtool: str, tmp_path: Path) -> None:
+    etc = compose_etc_prometheus(tmp_path)
+    out = run_tool([promtool, "check", "config", "prometheus.yml"], cwd=etc)
+    # The relative glob finds the chart's rules through the compose mount, and not their tests.
     assert "1 rule files found" in out, out
+    assert (etc / "rules" / RULES.name).resolve() == RULES.resolve()
+
+
+def test_rules_have_one_copy() -> None:
+    assert sorted(DEPLOY.rglob("*.rules.yml")) == [RULES]
 
 
 def test_check_rules(promtool: str) -> None:
@@ -47,6 +69,20 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
             cases.setdefault(case["alertname"], set()).add(bool(case.get("exp_alerts")))
     for name in names:
         assert cases.get(name) == {True, False}, f"{name} needs a firing and a non-firing case"
+
+
+def test_generator_behind_threshold_is_the_runs_max_staleness() -> None:
+    (rule,) = [rule for rule in rules() if rule.get("alert") == "LpregGeneratorBehind"]
+    assert "lpreg_learner_max_staleness" in rule["expr"]
+    tested = set()
+    for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]:
+        if any(c["alertname"] == rule["alert"] for c in test.get("alert_rule_test", [])):
+            tested |= {
+                s["values"]
+                for s in test["input_series"]
+                if s["series"].startswith("lpreg_learner_max_staleness{")
+            }
+    assert len(tested) >= 2, "test the alert with runs of different max_staleness"
 
 
 def test_every_rule_has_severity_and_summary() -> None:

@@ -76,9 +76,10 @@ def test_killed_learner_resumes_and_replays_unacked_groups(cluster: LocalCluster
     cluster.start_learner(resume=True)
     summary = finish(cluster)
     assert summary["steps"] == 6
-    assert summary["policy_version"] == 6
+    # The restored weights got a fresh version past everything the lost learner published.
+    assert summary["policy_version"] > 6
     # The generator survived the learner restart and follows the resumed version sequence.
-    assert summary["generator_weight_versions"] == {"gen-0": 6}
+    assert summary["generator_weight_versions"] == {"gen-0": summary["policy_version"]}
     assert summary["groups_trained"] == summary["prompts_trained"] == 6 * 4
 
 

@@ -120,29 +120,48 @@ class LpregWorkerExtension:
     def lpreg_receive_and_load(self, manifest_bytes: bytes, timeout_s: float) -> dict[str, Any]:
         """Receive one publish, verify it, and reload the weights in place.
 
-        The engine is paused by the caller, so no forward pass runs while tensors change. The
+        The caller pauses the engine first, so no forward pass runs while tensors change. The
         checksum and the weight names are checked before the first tensor is written, so a bad
-        publish leaves the old weights intact. Returns what was loaded, for the caller to check.
+        publish leaves the old weights intact. Errors come back in the result rather than as
+        exceptions: the caller must know whether the model was touched (``loaded_partially``),
+        and an exception would only arrive as text.
         """
-        manifest = manifest_from_proto(control_pb2.WeightManifest.FromString(manifest_bytes))
+        result: dict[str, Any] = {
+            "rank": self.rank,
+            "version": -1,
+            "checksum": "",
+            "receive_s": 0.0,
+            "load_s": 0.0,
+            "error": "",
+            "loaded_partially": False,
+        }
         start = time.monotonic()
-        device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        named = self._lpreg_receiver().receive(manifest, device, timeout_s)
-        received_s = time.monotonic() - start
-        expected, tied = self._lpreg_expected_names()
-        check_weight_names({name for name, _ in named}, expected, tied)
+        try:
+            manifest = manifest_from_proto(control_pb2.WeightManifest.FromString(manifest_bytes))
+            device = self.device if self.device.type == "cuda" else torch.device("cpu")
+            named = self._lpreg_receiver().receive(manifest, device, timeout_s)
+            expected, tied = self._lpreg_expected_names()
+            check_weight_names({name for name, _ in named}, expected, tied)
+        except Exception as e:  # reported to the backend, which fails the publish
+            result["error"] = f"{type(e).__name__}: {e}"
+            return result
+        result["receive_s"] = time.monotonic() - start
         if tied:
             named = [(n, t) for n, t in named if n != _TIED_OUTPUT_NAME]
-        with torch.no_grad():
-            self.reload_weights(  # type: ignore[attr-defined]
-                weights_iterator=iter(named), is_checkpoint_format=True)
-        return {
-            "rank": self.rank,
-            "version": manifest.version,
-            "checksum": manifest.checksum,
-            "receive_s": received_s,
-            "load_s": time.monotonic() - start - received_s,
-        }
+        try:
+            with torch.no_grad():
+                self.reload_weights(  # type: ignore[attr-defined]
+                    weights_iterator=iter(named), is_checkpoint_format=True
+                )
+        except Exception as e:
+            log.exception("in-place reload of v%d failed", manifest.version)
+            result["error"] = f"{type(e).__name__}: {e}"
+            result["loaded_partially"] = True
+            return result
+        result["load_s"] = time.monotonic() - start - result["receive_s"]
+        result["version"] = manifest.version
+        result["checksum"] = manifest.checksum
+        return result
 
     def lpreg_leave(self) -> None:
         receiver = getattr(self, "_lpreg_weight_receiver", None)
