@@ -124,11 +124,12 @@ def _worker(args: argparse.Namespace) -> None:
     hidden, weight, loss_weights = _inputs(args)
     tokens = torch.load(args.tokens)
     setup_rss = _peak_rss_bytes()
-    times_s, forward_times_s = [], []
+    times_s, forward_times_s, cpu_times_s = [], [], []
     for _ in range(args.repeats):
         hidden.grad = None
         weight.grad = None
         start = time.perf_counter()
+        cpu_start = time.process_time()
         if args.worker == "naive":
             log_probs, entropy, proxy = _naive_stats(hidden, weight, tokens, args)
         else:
@@ -144,11 +145,13 @@ def _worker(args: argparse.Namespace) -> None:
         forward_times_s.append(time.perf_counter() - start)
         (log_probs * loss_weights.to(log_probs.dtype)).sum().backward()
         times_s.append(time.perf_counter() - start)
+        cpu_times_s.append(time.process_time() - cpu_start)
     assert hidden.grad is not None and weight.grad is not None
     result = {
         "forward_s": min(forward_times_s),
         "total_s": min(times_s),
         "all_total_s": times_s,
+        "cpu_s": min(cpu_times_s),
         "setup_rss_bytes": setup_rss,
         "peak_rss_bytes": _peak_rss_bytes(),
         "log_probs": log_probs.detach(),
@@ -326,6 +329,10 @@ def main() -> None:
         "naive_s": naive["total_s"],
         "fused_s": fused["total_s"],
         "time_ratio": fused["total_s"] / naive["total_s"],
+        "naive_cpu_s": naive["cpu_s"],
+        "fused_cpu_s": fused["cpu_s"],
+        "cpu_time_ratio": fused["cpu_s"] / naive["cpu_s"],
+        "load_average_1m": os.getloadavg()[0],
         "naive_forward_s": naive["forward_s"],
         "fused_forward_s": fused["forward_s"],
         "max_abs_diff": max(v for k, v in diffs.items() if not k.endswith("_rel")),

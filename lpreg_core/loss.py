@@ -71,7 +71,8 @@ PPO_KL_METRIC_CLAMP = 10.0
 
 DEFAULT_CHUNK_SIZE = 256
 """Tokens per logits chunk in token_stats_from_hidden: one (256 x V) float32 buffer is 155 MB at
-V = 151936, and 256 rows keep the CPU/GPU matmul near full speed (see benchmarks/bench_lpreg_loss.py)."""
+V = 151936; 128 to 1024 ran equally fast on CPU and 256 keeps the peak lowest but one
+(benchmarks/bench_lpreg_loss.py)."""
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -251,19 +252,23 @@ def _stats_inplace(
     kappa: float,
     threshold_mode: str,
     work: Tensor,
-    mask: Tensor,
+    spare: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Row-wise statistics of (R, V) raw logits without autograd, overwriting logits and work.
+    """Row-wise statistics of (R, V) raw logits without autograd, overwriting the buffers.
 
     Returns (log_probs, entropy, lse, proxy_log_probs, keep_count), each (R,). lse is the
-    log-normaliser of logits / T (kept for the fused backward). work is an (R, V) float buffer and
-    mask an (R, V) bool buffer, so a chunked caller allocates them once.
+    log-normaliser of logits / T (kept for the fused backward). work, and spare when T != 1, are
+    (R, V) float buffers, so a chunked caller allocates them once; logits is overwritten too.
 
     The proxy is never materialised: with p = softmax(z / T) and K the kept set,
         logsumexp(filter(z) / T) = logaddexp(lse + log sum_{v in K} p_v, -1e4 / T + log(V - |K|)),
     which equals the reference's log-softmax of the filtered logits (the second term is what the
     -1e4 entries contribute; it matters only at extreme temperatures or when nothing is kept).
+    The kept set is a 0/1 float mask: counting and masking in float is several times faster on
+    CPU than with a bool tensor.
     """
+    if threshold_mode not in ("minp", "fixed"):
+        raise ValueError(f"threshold_mode must be 'minp' or 'fixed', got {threshold_mode!r}")
     vocab = logits.shape[-1]
     idx = tokens.unsqueeze(-1)
     row_max = logits.amax(dim=-1, keepdim=True)
@@ -271,17 +276,18 @@ def _stats_inplace(
     torch.sub(logits, row_max, out=work).exp_()
     norm = work.sum(dim=-1, keepdim=True)
     work.div_(norm)
-    if threshold_mode == "minp":
-        threshold: Tensor | float = kappa * work.amax(dim=-1, keepdim=True)
-    elif threshold_mode == "fixed":
-        threshold = kappa
-    else:
-        raise ValueError(f"threshold_mode must be 'minp' or 'fixed', got {threshold_mode!r}")
-    filtered = torch.lt(work, threshold, out=mask)
-    num_filtered = filtered.sum(dim=-1)
-    token_kept = ~filtered.gather(-1, idx).squeeze(-1)
+    threshold: Tensor | float = (
+        kappa * work.amax(dim=-1, keepdim=True) if threshold_mode == "minp" else kappa
+    )
+
+    def kept_mask(out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        keep = torch.ge(work, threshold, out=out)
+        return keep, keep.sum(dim=-1), keep.gather(-1, idx).squeeze(-1) > 0.5
 
     if temperature != 1.0:
+        if spare is None:
+            raise ValueError("temperature != 1 needs a spare buffer")
+        keep, num_kept, token_kept = kept_mask(spare)
         logits.div_(temperature)
         row_max = row_max / temperature
         torch.sub(logits, row_max, out=work).exp_()
@@ -293,22 +299,24 @@ def _stats_inplace(
     # H = -sum p log p = log(norm) - sum p (z/T - max): the shifted terms keep float32 accurate
     # over a 150k vocabulary (the unshifted lse - sum p z loses about 1e-4).
     entropy = norm.log().squeeze(-1) - logits.sub_(row_max).mul_(work).sum(dim=-1)
+    if temperature == 1.0:
+        keep, num_kept, token_kept = kept_mask(logits)
 
     filtered_logit = FILTERED_LOGIT / temperature
-    kept_mass = work.masked_fill_(filtered, 0.0).sum(dim=-1)
+    kept_mass = keep.mul_(work).sum(dim=-1)
+    num_filtered = vocab - num_kept
     # With nothing filtered the proxy is the policy itself: reuse lse so that on-policy
     # log_probs == proxy_log_probs bitwise and the strict "<" of the selection never fires.
     proxy_lse = torch.where(
         num_filtered == 0,
         lse,
-        torch.logaddexp(lse + kept_mass.log(), filtered_logit + num_filtered.to(lse.dtype).log()),
+        torch.logaddexp(lse + kept_mass.log(), filtered_logit + num_filtered.log()),
     )
     proxy_token_logit = torch.where(
         token_kept, token_logit, torch.full_like(token_logit, filtered_logit)
     )
     proxy_log_probs = proxy_token_logit - proxy_lse
-    keep_count = vocab - num_filtered
-    return log_probs, entropy, lse, proxy_log_probs, keep_count
+    return log_probs, entropy, lse, proxy_log_probs, num_kept.round().long()
 
 
 def _stats_no_grad(
@@ -319,16 +327,14 @@ def _stats_no_grad(
         shape = tokens.shape
         vocab = logits.shape[-1]
         flat = logits.detach().reshape(-1, vocab).to(_compute_dtype(logits.dtype), copy=True)
-        work = torch.empty_like(flat)
-        mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
         log_probs, entropy, _, proxy, keep_count = _stats_inplace(
             flat,
             tokens.reshape(-1),
             temperature=temperature,
             kappa=kappa,
             threshold_mode=threshold_mode,
-            work=work,
-            mask=mask,
+            work=torch.empty_like(flat),
+            spare=torch.empty_like(flat) if temperature != 1.0 else None,
         )
     return (
         log_probs.reshape(shape),
@@ -422,16 +428,14 @@ class _LogitsStats(torch.autograd.Function):
         ctx: Any, logits: Tensor, tokens: Tensor, temperature: float
     ) -> tuple[Tensor, Tensor]:
         buf = logits.detach().to(_compute_dtype(logits.dtype), copy=True)
-        work = torch.empty_like(buf)
-        mask = torch.empty(buf.shape, dtype=torch.bool, device=buf.device)
         log_probs, entropy, lse, _, _ = _stats_inplace(
             buf,
             tokens,
             temperature=temperature,
             kappa=0.0,
             threshold_mode="minp",
-            work=work,
-            mask=mask,
+            work=torch.empty_like(buf),
+            spare=torch.empty_like(buf) if temperature != 1.0 else None,
         )
         ctx.save_for_backward(logits, tokens, lse, entropy)
         ctx.temperature = temperature
@@ -844,7 +848,7 @@ class _FusedTokenStats(torch.autograd.Function):
         # Reused across chunks: a fresh (chunk, V) allocation per chunk costs page faults on CPU.
         logits_buf = torch.empty((rows, vocab), dtype=dtype, device=hidden.device)
         work_buf = torch.empty_like(logits_buf)
-        mask_buf = torch.empty((rows, vocab), dtype=torch.bool, device=hidden.device)
+        spare_buf = torch.empty_like(logits_buf) if temperature != 1.0 else None
         for start in range(0, num_rows, chunk_size):
             stop = min(num_rows, start + chunk_size)
             n = stop - start
@@ -862,7 +866,7 @@ class _FusedTokenStats(torch.autograd.Function):
                 kappa=kappa,
                 threshold_mode=threshold_mode,
                 work=work_buf[:n],
-                mask=mask_buf[:n],
+                spare=None if spare_buf is None else spare_buf[:n],
             )
         ctx.save_for_backward(hidden, weight, tokens, lse, entropy)
         ctx.temperature = temperature
@@ -927,7 +931,10 @@ class _FusedTokenStats(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden.addmm_(grad, weight_block.to(acc_dtype))
             if grad_weight is not None:
-                grad_weight[start:stop] = torch.mm(grad.t(), hidden_acc)
+                if grad_weight.dtype == acc_dtype:
+                    torch.mm(grad.t(), hidden_acc, out=grad_weight[start:stop])
+                else:
+                    grad_weight[start:stop] = torch.mm(grad.t(), hidden_acc)
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
         return (grad_hidden, grad_weight, *nones)
@@ -948,17 +955,21 @@ def token_stats_from_hidden(
     With z = hidden @ lm_head_weight.T (no bias, as in Qwen/Llama heads)::
 
         log_probs       = log softmax(z / T)[o_t]                  grad to hidden and weight
-        entropy         = logsumexp(z / T) - sum_v softmax(z / T)_v z_v / T   grad as well
+        entropy         = -sum_v p_v log p_v,  p = softmax(z / T)   grad to hidden and weight
         proxy_log_probs = proxy_log_probs_from_logits(z, ...)       constant
         proxy_keep_count
 
-    At most one (chunk_size, V) block of logits exists at a time (plus a same-sized work buffer
-    and a bool keep mask in forward); backward recomputes the block instead of storing it, so
-    memory is O(chunk_size * V + N) on top of the weight and its gradient. The vocabulary is not
-    split: the min-p threshold needs the whole row before any token can be classified. Results
-    equal lp_reg_from_logits on hidden @ W.T to rounding (1e-5 float32, 1e-10 float64, gradients
-    included). Half-precision inputs are computed in float32 (outputs float32; the weight gradient
-    is accumulated over chunks in float32 and returned in the weight's dtype).
+    Memory: the forward walks the tokens in chunks of chunk_size rows, holding one
+    (chunk_size, V) block of logits and one same-sized work buffer (a third one when T != 1);
+    it cannot split the vocabulary, because the min-p threshold needs the whole row. Only
+    hidden, the weight, tokens and two (N,) vectors are saved. The backward recomputes the logits
+    in (N, V * chunk_size / N) vocabulary blocks, the same number of elements as a forward chunk,
+    so each weight row's gradient is written once. Beyond the weight and its gradient, memory is
+    O(chunk_size * V + N * H). Cost: one extra logits matmul (the recomputation).
+
+    Results equal lp_reg_from_logits on hidden @ W.T to rounding (1e-5 float32, 1e-10 float64,
+    gradients included); entropy is differentiable. Half-precision inputs are computed in
+    float32: outputs are float32 and the gradients come back in the inputs' dtypes.
 
     The proxy uses the weights passed in, so it is the old policy's proxy only when these are the
     step-start weights (the first forward of an on-policy step, or a no-grad pass before the

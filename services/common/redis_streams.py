@@ -686,31 +686,38 @@ class RedisStreams:
         return {_entry_id(k): int(v) for k, v in raw.items()}
 
     def backlog(self) -> dict[str, int]:
-        """Entries not yet done with, per stream: never delivered (lag) plus delivered but
-        unacknowledged (pending)."""
+        """Entries not yet done with, per stream: never delivered plus delivered but
+        unacknowledged. Both streams are read in one transaction: a task moving from the
+        prompts stream to the rollouts stream in between would otherwise count twice."""
+        streams = ((self.prompts_key, TASK_GROUP), (self.rollouts_key, ROLLOUT_GROUP))
 
-        def info(key: str, group: str) -> int:
-            try:
-                groups = self._redis.xinfo_groups(key)
-            except redis.exceptions.ResponseError as e:
-                if "no such key" in str(e).lower():
-                    return 0
-                raise
+        def snapshot() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=True)
+            for key, _group in streams:
+                pipe.xinfo_groups(key)
+                # XINFO's own "lag" is unreliable once acknowledged entries are trimmed; the
+                # streams hold only live entries, so count what follows the group's cursor.
+                pipe.xrange(key, min="-", max="+")
+            return list(pipe.execute(raise_on_error=False))
+
+        reply = self._call("backlog", snapshot)
+        out: dict[str, int] = {}
+        for (name, (_key, group)), groups, entries in zip(
+            (("prompts", streams[0]), ("rollouts", streams[1])),
+            reply[0::2],
+            reply[1::2],
+            strict=True,
+        ):
+            out[name] = 0
+            if isinstance(groups, Exception) or isinstance(entries, Exception):
+                continue  # the stream does not exist yet
             for g in groups:
-                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-                if name != group:
-                    continue
-                # XINFO's own "lag" is unreliable once acknowledged entries are trimmed, so
-                # count what follows the group's cursor (the streams hold only live entries).
-                last = _entry_id(g["last-delivered-id"])
-                lag = len(self._redis.xrange(key, min=f"({last}", max="+"))
-                return lag + int(g["pending"])
-            return 0
-
-        return {
-            "prompts": self._call("backlog", lambda: info(self.prompts_key, TASK_GROUP)),
-            "rollouts": self._call("backlog", lambda: info(self.rollouts_key, ROLLOUT_GROUP)),
-        }
+                gname = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                if gname == group:
+                    last = _id_key(_entry_id(g["last-delivered-id"]))
+                    lag = sum(1 for eid, _ in entries if _id_key(_entry_id(eid)) > last)
+                    out[name] = lag + int(g["pending"])
+        return out
 
     def stream_lengths(self) -> dict[str, int]:
         """XLEN of the prompts, rollouts and dlq streams."""

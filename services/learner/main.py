@@ -378,7 +378,8 @@ class Learner:
 
         evals = [r["eval_accuracy"] for r in self.history if "eval_accuracy" in r]
         dlq = self.streams.dlq_length()
-        outstanding = sum(self.streams.backlog().values())
+        backlog = self.streams.backlog()
+        outstanding = sum(backlog.values())
         return {
             "run_id": self.config.run_id,
             "steps": self.step,
@@ -389,6 +390,7 @@ class Learner:
             "rollouts_in_dlq": dlq,
             "prompts_trained": len(self.trained_tasks),
             "prompts_outstanding": outstanding,
+            "backlog": {**backlog, "pending": self.streams.pending_counts()},
             "prompts_unaccounted": self.counters["prompts_issued"]
             - len(self.trained_tasks)
             - self.counters["groups_dropped_stale"]
@@ -473,10 +475,12 @@ class Learner:
                     int(record.get("num_regularized", 0)),
                 )
             summary = self._finish(time.monotonic() - start)
-            self.registry.close("run complete")
             if not config.learner.exit_when_done and not self.stop.is_set():
+                # Generators stay registered and idle (no more tasks), instead of exiting into a
+                # restart loop under a Deployment.
                 log.info("run complete; staying up until stopped (learner.exit_when_done=false)")
                 self.stop.wait()
+            self.registry.close("run complete")
         finally:
             self.registry.close("learner stopping")
             server.stop(grace=2.0)

@@ -166,8 +166,16 @@ class LocalCluster:
         return procs
 
     def stop_all(self) -> None:
-        """SIGTERM everything still running (generators, learner, then redis), then SIGKILL."""
-        procs = self.all_processes()
+        """SIGTERM the services, then redis-server (they drain through it), then SIGKILL."""
+        services = [(n, p) for n, p in self.all_processes() if p is not self.redis]
+        self._stop(services)
+        if self.redis is not None:
+            self._stop([("redis-server", self.redis)])
+        for f in self._files:
+            f.close()
+        self._files = []
+
+    def _stop(self, procs: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
         for _name, proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -179,9 +187,6 @@ class LocalCluster:
                 log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
                 proc.kill()
                 proc.wait()
-        for f in self._files:
-            f.close()
-        self._files = []
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, object]]:

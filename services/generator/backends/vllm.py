@@ -195,9 +195,11 @@ class VLLMBackend:
         )
 
     async def _generate_one(self, request: SampleRequest) -> list[SampledCompletion]:
+        from vllm.inputs import tokens_input
+
         final = None
         async for output in self._engine.generate(
-            {"prompt_token_ids": list(request.prompt_token_ids)},
+            tokens_input(list(request.prompt_token_ids)),
             self.sampling_params(request),
             request_id=uuid.uuid4().hex,
         ):
@@ -293,9 +295,17 @@ class VLLMBackend:
             except Exception as e:  # the engine may already be gone; shutting down regardless
                 log.warning("closing the broadcast group of the vLLM workers: %s", e)
             self._closed = True
-            self._loop.call_soon_threadsafe(self._engine.shutdown)
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop.call_soon_threadsafe(self._shutdown_engine)
             self._thread.join(timeout=CONTROL_CALL_TIMEOUT_S)
+
+    def _shutdown_engine(self) -> None:
+        try:
+            self._engine.shutdown()
+        finally:
+            # Dropped here, while vLLM's modules are still loaded: its finaliser shuts down
+            # again and fails if it only runs at interpreter exit.
+            del self._engine
+            self._loop.stop()
 
 
 def sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:

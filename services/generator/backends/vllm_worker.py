@@ -27,6 +27,24 @@ from services.common.broadcast import WeightReceiver
 
 log = logging.getLogger("lpreg.generator.vllm_worker")
 
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning of every reload.
+
+    Rotary layers hold only the cos/sin table computed at start-up, which no checkpoint
+    carries; the reloader puts the table back as it was and warns anyway, at every publish.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",)
+        )
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+    _RotaryReloadFilter()
+)
+
 # Checkpoint names that a learner never sends although the checkpoint may hold them: with tied
 # embeddings the output projection is the input embedding (the learner's named_parameters()
 # lists it once), and vLLM's loaders skip it.
