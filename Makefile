@@ -9,7 +9,8 @@ setup:
 demo: setup
 	.venv/bin/lpreg local examples/tiny/config.yaml
 
-test: setup
+test:
+	@LPREG_EXTRAS=dev,vllm bash scripts/setup.sh
 	@bash scripts/test.sh
 
 lint: setup

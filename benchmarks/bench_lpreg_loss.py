@@ -10,7 +10,11 @@ log-prob, then run backward through sum(w * log_probs):
          backward.
 
 Each path runs in its own subprocess, so its peak RSS (VmHWM of that process) is its own.
-The weight (V x H) and its gradient are in both peaks. One JSON object goes to stdout.
+The weight (V x H) and its gradient are in both peaks. One JSON object goes to stdout:
+peak_mem_ratio and time_ratio are fused / naive (wall clock, fastest of --repeats);
+cpu_time_ratio compares process CPU time, the steadier figure on a shared machine (the load
+average at the end is reported). Tokens are sampled from the policy itself, so most survive the
+min-p filter as in a real rollout; max_abs_err_vs_float64 shows each path's own rounding error.
 
     .venv/bin/python benchmarks/bench_lpreg_loss.py            # N=2048, H=896, V=151936 (Qwen2.5-0.5B head)
     .venv/bin/python benchmarks/bench_lpreg_loss.py --quick    # N=512, under a minute on 2 cores
@@ -337,6 +341,10 @@ def main() -> None:
         "fused_forward_s": fused["forward_s"],
         "max_abs_diff": max(v for k, v in diffs.items() if not k.endswith("_rel")),
         "max_abs_diff_by_output": diffs,
+        "max_abs_value_by_output": {
+            key: float(naive[key].double().abs().max())
+            for key in ("log_probs", "entropy", "grad_hidden", "grad_weight_rows")
+        },
         "max_abs_err_vs_float64": _float64_errors(args, hidden, weight, tokens, results),
         "naive_all_s": naive["all_total_s"],
         "fused_all_s": fused["all_total_s"],

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError, model_validator
 
-from lpreg_core.loss import LossConfig, LpRegConfig
+from lpreg_core.loss import LossConfig, LpRegConfig, default_tag
 
 
 class _Section(BaseModel):
@@ -64,7 +64,10 @@ class JsonlTaskConfig(_Section):
     )
 
 
-TaskConfig = Annotated[ArithmeticTaskConfig | JsonlTaskConfig, Field(discriminator="type")]
+TaskConfig = Annotated[
+    Annotated[ArithmeticTaskConfig, Tag("arithmetic")] | Annotated[JsonlTaskConfig, Tag("jsonl")],
+    default_tag("arithmetic"),
+]
 
 
 class SamplingConfig(_Section):
@@ -189,7 +192,10 @@ class VLLMBackendConfig(_Section):
     )
 
 
-BackendConfig = Annotated[HFBackendConfig | VLLMBackendConfig, Field(discriminator="type")]
+BackendConfig = Annotated[
+    Annotated[HFBackendConfig, Tag("hf")] | Annotated[VLLMBackendConfig, Tag("vllm")],
+    default_tag("hf"),
+]
 
 
 class GeneratorConfig(_Section):

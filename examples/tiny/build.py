@@ -4,7 +4,7 @@ The warm start is stopped early on purpose: sampled at temperature 1 the model s
 on a fraction of eval problems and disagree with itself within a group, so GRPO has signal.
 
     .venv/bin/python examples/tiny/build.py                  # writes examples/tiny/model/
-    .venv/bin/python examples/tiny/build.py --steps 400 --out /tmp/tiny --eval-every 100
+    .venv/bin/python examples/tiny/build.py --steps 1200 --out /tmp/tiny --eval-every 100
 """
 
 from __future__ import annotations
@@ -54,18 +54,26 @@ MAX_POSITION_EMBEDDINGS = 64
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "model"
 DEFAULT_SEED = 0
-DEFAULT_STEPS = 600
-DEFAULT_THREADS = 2
+DEFAULT_STEPS = 900
+# One thread: floating-point reduction order, hence the early-stopped model, depends on it.
+DEFAULT_THREADS = 1
 NUM_EVAL_PROBLEMS = 200
 NUM_EVAL_SAMPLES = 8
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Supervised warm-start settings.
+
+    The learning rate is deliberately high and constant: the model ends in a flat region that
+    tolerates the RL learner's steps. Stopped at the same accuracy, a warm start trained at 1e-3
+    lost reward under RL at lr 2e-4; this one gains reward at 1e-4 to 3e-4.
+    """
+
     steps: int
     seed: int
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
 
@@ -199,7 +207,7 @@ def train(
     eval_problems: list[Problem] | None = None,
 ) -> None:
     """Supervised warm start on the train stream, answer tokens only, constant lr after warmup
-    (so that stopping at step N is the same model whatever the total)."""
+    (so that stopping at step N gives the same model whatever the total)."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
     )
@@ -320,12 +328,23 @@ def evaluate(
 
 
 def save(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    """Write to a sibling directory, then swap it in, so readers never see a half-written model."""
+    staging = out.with_name(out.name + ".partial")
+    retired = out.with_name(out.name + ".old")
+    for path in (staging, retired):
+        if path.exists():
+            shutil.rmtree(path)
+    staging.mkdir(parents=True)
     model.generation_config = generation_config(tokenizer)
-    model.save_pretrained(out, safe_serialization=True)
-    save_tokenizer(tokenizer, out)
+    model.save_pretrained(staging, safe_serialization=True)
+    save_tokenizer(tokenizer, staging)
+    for path in staging.iterdir():
+        path.chmod(0o644)
+    if out.exists():
+        out.rename(retired)
+    staging.rename(out)
+    if retired.exists():
+        shutil.rmtree(retired)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

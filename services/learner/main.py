@@ -77,6 +77,7 @@ class Learner:
         self.counters = {"prompts_issued": 0, "groups_trained": 0, "groups_dropped_stale": 0}
         self.trained_tasks: set[str] = set()
         self.history: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}  # run-level figures for the summary (checkpointed)
         self.resumed = resume
         if resume:
             self._restore()
@@ -104,6 +105,7 @@ class Learner:
             "counters": self.counters,
             "trained_tasks": sorted(self.trained_tasks),
             "history": self.history,
+            "extra": self.extra,
         }
 
     def _restore(self) -> None:
@@ -119,6 +121,7 @@ class Learner:
         self.counters = state["counters"]
         self.trained_tasks = set(state["trained_tasks"])
         self.history = state["history"]
+        self.extra = state.get("extra", {})
         log.info("resumed from %s: step %d, version %d", path, self.step, self.version)
 
     def _checkpoint(self) -> None:
@@ -403,6 +406,7 @@ class Learner:
             "reward_mean_last_fifth": mean(tail, "reward_mean"),
             "entropy_first": first.get("entropy"),
             "entropy_last": last.get("entropy"),
+            "eval_accuracy_start": self.extra.get("eval_accuracy_start"),
             "eval_accuracy_first": evals[0] if evals else None,
             "eval_accuracy_last": evals[-1] if evals else None,
             "num_regularized_total": sum(r.get("num_regularized", 0) for r in self.history),
@@ -450,6 +454,17 @@ class Learner:
             self.run_dir,
         )
         start = time.monotonic()
+        if (
+            config.learner.eval_every_steps
+            and self.step == 0
+            and "eval_accuracy_start" not in self.extra
+        ):
+            self.extra["eval_accuracy_start"] = greedy_accuracy(
+                self.model, config, self.source.eval_problems(config.learner.eval_prompts)
+            )
+            log.info(
+                "greedy eval accuracy before training: %.3f", self.extra["eval_accuracy_start"]
+            )
         try:
             self._issue()
             while self.step < config.learner.steps and not self.stop.is_set():

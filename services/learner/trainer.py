@@ -23,9 +23,6 @@ from lpreg_core.config import LearnerConfig, OffPolicyConfig
 from lpreg_core.loss import LpRegConfig, policy_loss, select_regularized, token_stats_from_hidden
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
 
-# Metrics summed over micro-batches (counts); every other metric is a token-weighted mean.
-_SUMMED = ("num_candidates", "num_regularized")
-
 
 @dataclass
 class StepBatch:
@@ -168,14 +165,20 @@ class Trainer:
             proximal, batch.behaviour_log_probs, batch.mask, self.config.off_policy
         )
         reg_mask = None
+        totals: dict[str, float] = {}
         lp = self.loss_config
         if isinstance(lp, LpRegConfig) and lp.ranking == "step":
-            _, reg_mask = select_regularized(
+            candidates, reg_mask = select_regularized(
                 proximal, proxy, batch.advantages, mask, rho_neg=lp.rho_neg, rho_pos=lp.rho_pos
             )
-        num_tokens = float(mask.sum())
+            totals["num_candidates"] = float(candidates.sum())
+        # The loss denominator of the whole step (policy_loss's num_tokens): valid tokens, or
+        # sequences in seq-mean-token-mean mode.
+        if lp.loss_agg_mode == "seq-mean-token-mean":
+            num_tokens = float((mask.sum(-1) > 0).sum())
+        else:
+            num_tokens = float(mask.sum())
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
         loss_total = 0.0
         for rows in self._micro_batches(num):
             log_probs, ent, _ = self._token_stats(batch, rows)
@@ -193,10 +196,10 @@ class Trainer:
             )
             loss.backward()
             loss_total += float(loss.detach())
-            share = float(mask[rows].sum()) / max(num_tokens, 1.0)
+            # policy_loss normalises by the whole step (num_tokens): micro-batch values add up.
             for k, v in metrics.items():
                 val = float(v.detach()) if isinstance(v, Tensor) else float(v)
-                totals[k] = totals.get(k, 0.0) + (val if k in _SUMMED else val * share)
+                totals[k] = totals.get(k, 0.0) + val
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.config.optimizer.grad_clip
         )

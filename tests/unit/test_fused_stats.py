@@ -13,6 +13,7 @@ from lpreg_core.loss import (
     lp_reg_from_logits,
     policy_loss,
     proxy_log_probs_from_logits,
+    select_regularized,
     token_stats_from_hidden,
 )
 
@@ -323,3 +324,42 @@ def test_argument_errors() -> None:
             kappa=0.02,
             threshold_mode="top_p",  # type: ignore[arg-type]
         )
+
+
+def test_micro_batches_through_the_fused_path_accumulate_the_one_batch_gradient() -> None:
+    """The learner's pattern: step-wide ranking and denominator, one backward per micro-batch."""
+    prob = _problem(F64, seed=8, batch=8, length=9)
+    cfg = LpRegConfig(rho_neg=0.3, rho_pos=0.2, clip_low=0.2, clip_high=0.28)
+    kwargs: dict[str, Any] = {"temperature": 1.0, "kappa": 0.02, "chunk_size": 5}
+    mask = prob["mask"]
+    with torch.no_grad():
+        old = token_stats_from_hidden(
+            prob["hidden_old"], prob["weight_old"], prob["tokens"], **kwargs
+        )
+        cur = token_stats_from_hidden(prob["hidden"], prob["weight"], prob["tokens"], **kwargs)
+    _, reg = select_regularized(
+        cur.log_probs, old.proxy_log_probs, prob["advantages"], mask, rho_neg=0.3, rho_pos=0.2
+    )
+    assert int(reg.sum()) > 0
+    grads = []
+    for num_micro in (1, 2, 4):
+        hidden = prob["hidden"].clone().requires_grad_()
+        weight = prob["weight"].clone().requires_grad_()
+        for rows in torch.arange(8).chunk(num_micro):
+            stats = token_stats_from_hidden(hidden[rows], weight, prob["tokens"][rows], **kwargs)
+            loss, _ = policy_loss(
+                stats.log_probs,
+                old.log_probs[rows],
+                old.proxy_log_probs[rows],
+                prob["advantages"][rows],
+                mask[rows],
+                config=cfg,
+                num_tokens=float(mask.sum()),
+                reg_mask=reg[rows],
+            )
+            loss.backward()
+        grads.append((hidden.grad, weight.grad))
+    for hidden_grad, weight_grad in grads[1:]:
+        assert hidden_grad is not None and weight_grad is not None
+        _assert_close(hidden_grad, grads[0][0], 1e-13, "grad hidden")
+        _assert_close(weight_grad, grads[0][1], 1e-13, "grad weight")

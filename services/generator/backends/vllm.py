@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoTokenizer
 from lpreg_core.config import ModelConfig, VLLMBackendConfig
 from lpreg_core.weights import WeightManifest, manifest_to_proto
 from lpreg_core.wire.lpreg.v1.control_pb2 import JoinGroup
+from services.common.broadcast import BroadcastFailed
 from services.generator.backends.base import SampledCompletion, SampleRequest
 
 log = logging.getLogger("lpreg.generator.vllm")
@@ -165,6 +166,8 @@ class VLLMBackend:
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def generate(self, requests: list[SampleRequest]) -> list[list[SampledCompletion]]:
+        if self._closed:
+            raise RuntimeError("the vLLM backend is closed")
         if self._poisoned is not None:
             raise RuntimeError(f"the vLLM engine's weights are unusable: {self._poisoned}")
         if not requests:
@@ -222,10 +225,17 @@ class VLLMBackend:
 
     def join_group(self, join: JoinGroup) -> None:
         with self._control_lock:
-            # The workers block until the learner has formed the group.
-            self._call(
+            # The workers block until the learner has formed the group (generation waits too:
+            # the engine runs worker calls between its steps).
+            results = self._call(
                 self._engine.collective_rpc("lpreg_join", args=(join.SerializeToString(),)),
                 join.timeout_s + CONTROL_CALL_TIMEOUT_S,
+            )
+        failed = [r for r in results if r["error"]]
+        if failed:
+            raise BroadcastFailed(
+                f"joining epoch {join.epoch} failed on vLLM worker(s): "
+                + "; ".join(f"rank {r['rank']}: {r['error']}" for r in failed)
             )
 
     def update_weights(self, manifest: WeightManifest, timeout_s: float) -> str:

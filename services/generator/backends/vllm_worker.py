@@ -119,21 +119,27 @@ class LpregWorkerExtension:
             self._lpreg_checkpoint_names = cached
         return cached
 
-    def lpreg_join(self, join_bytes: bytes) -> int:
-        """Join the epoch's group as rank ``rank_offset + self.rank``; returns that rank."""
+    def lpreg_join(self, join_bytes: bytes) -> dict[str, Any]:
+        """Join the epoch's group as rank ``rank_offset + self.rank`` (blocks until formed).
+
+        Returns ``{"rank", "error"}``; a failure is reported, not raised, like a failed load.
+        """
         join = control_pb2.JoinGroup.FromString(join_bytes)
         rank = join.rank_offset + self.rank
-        self._lpreg_receiver().join(
-            epoch=join.epoch,
-            rank=rank,
-            world_size=join.world_size,
-            store_host=join.store_host,
-            store_port=join.store_port,
-            backend=join.backend,
-            timeout_s=join.timeout_s,
-            device=self.device if join.backend == "nccl" else "cpu",
-        )
-        return rank
+        try:
+            self._lpreg_receiver().join(
+                epoch=join.epoch,
+                rank=rank,
+                world_size=join.world_size,
+                store_host=join.store_host,
+                store_port=join.store_port,
+                backend=join.backend,
+                timeout_s=join.timeout_s,
+                device=self.device if join.backend == "nccl" else "cpu",
+            )
+        except Exception as e:  # reported to the backend, which fails the join
+            return {"rank": rank, "error": f"{type(e).__name__}: {e}"}
+        return {"rank": rank, "error": ""}
 
     def lpreg_receive_and_load(self, manifest_bytes: bytes, timeout_s: float) -> dict[str, Any]:
         """Receive one publish, verify it, and reload the weights in place.
@@ -142,7 +148,7 @@ class LpregWorkerExtension:
         checksum and the weight names are checked before the first tensor is written, so a bad
         publish leaves the old weights intact. Errors come back in the result rather than as
         exceptions: the caller must know whether the model was touched (``loaded_partially``),
-        and an exception would only arrive as text.
+        an exception would only arrive as text, and vLLM logs each one as a worker crash.
         """
         result: dict[str, Any] = {
             "rank": self.rank,
