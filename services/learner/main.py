@@ -311,7 +311,7 @@ class Learner:
         record: dict[str, Any] = {
             "step": self.step,
             "version": self.version,
-            **{k: round(v, 6) for k, v in stats.items()},
+            **{k: float(f"{v:.6g}") for k, v in stats.items()},
             "staleness_mean": sum(self.version - 1 - v for v in oldest) / len(oldest),
             "groups_dropped_stale": self.counters["groups_dropped_stale"],
             "wait_s": round(waited_s, 4),

@@ -10,6 +10,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# Per-step values are noisy (one batch each); a trailing mean shows the trend.
+SMOOTH_WINDOW = 20
+
 PANELS = (
     (
         "reward.png",
@@ -42,9 +45,21 @@ def write_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for key, label in series:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, label=label)
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            if len(pts) < SMOOTH_WINDOW * 2:
+                ax.plot(xs, ys, marker="o", label=label)
+                continue
+            (line,) = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)
+            smooth = [
+                sum(ys[max(0, i - SMOOTH_WINDOW + 1) : i + 1])
+                / (i + 1 - max(0, i - SMOOTH_WINDOW + 1))
+                for i in range(len(ys))
+            ]
+            ax.plot(
+                xs, smooth, color=line.get_color(), label=f"{label} ({SMOOTH_WINDOW}-step mean)"
+            )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -22,7 +22,7 @@ class Progress:
         ev = r.get("eval_accuracy")
         return (
             f"{r['step']:>5} {r['version']:>4} {r.get('reward_mean', 0):>7.3f} {r.get('entropy', 0):>8.4f} "
-            f"{int(r.get('num_regularized', 0)):>5} {r.get('loss_kl', 0):>8.5f} "
+            f"{int(r.get('num_regularized', 0)):>5} {r.get('loss_kl', 0):>8.1e} "
             f"{r.get('staleness_mean', 0):>6.2f} {r.get('tokens_per_s', 0):>8.1f} "
             f"{'' if ev is None else f'{ev:.3f}':>6}"
         )
