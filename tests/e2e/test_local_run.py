@@ -95,3 +95,44 @@ def test_corrupt_rollout_goes_to_dlq_while_training_continues(tmp_path: Path, re
     assert summary["rollouts_in_dlq"] == 2
     reasons = {f[b"reason"] for _, f in client.xrange("lpreg:dlqtest:dlq")}
     assert reasons <= {b"decode", b"validate", b"schema_version", b"too_large"} and reasons
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_every_process_and_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "services.cli", "local", str(CONFIG)]
+    for o in (
+        f"local.run_dir={run_dir}",
+        "learner.steps=500",
+        "learner.prompts_per_step=4",
+        "learner.eval_every_steps=0",
+    ):
+        argv += ["--set", o]
+    launcher = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 180
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert launcher.poll() is None, "lpreg local exited early"
+            assert time.monotonic() < deadline, "no training step within 180 s"
+            time.sleep(0.2)
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        assert len(children) >= 4  # redis-server, learner, 2 generators
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=120) in (0, 1)
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert alive == []
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert (run_dir / "checkpoints" / "latest").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 2 <= summary["steps"] < 500
