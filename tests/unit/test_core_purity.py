@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[2] / "lpreg_core"
-FORBIDDEN = {"services", "subprocess", "socket", "multiprocessing", "grpc", "redis", "requests", "http"}
+FORBIDDEN = {
+    "services",
+    "subprocess",
+    "socket",
+    "multiprocessing",
+    "grpc",
+    "redis",
+    "requests",
+    "http",
+}
 
 
 def imported_roots(path: Path) -> set[str]:

@@ -61,7 +61,9 @@ def run_step(base: torch.nn.Module, micro: int, **overrides: object) -> tuple[di
     return stats, grads
 
 
-@pytest.mark.parametrize("loss", [{"type": "lp_reg", "rho_neg": 0.3, "kappa": 1e-3}, {"type": "grpo"}])
+@pytest.mark.parametrize(
+    "loss", [{"type": "lp_reg", "rho_neg": 0.3, "kappa": 1e-3}, {"type": "grpo"}]
+)
 def test_micro_batching_gives_the_same_step(base_model: torch.nn.Module, loss: dict) -> None:
     one, g1 = run_step(base_model, 12, loss=loss)
     for micro in (5,):
@@ -77,7 +79,9 @@ def test_step_regularises_and_updates_weights(base_model: torch.nn.Module) -> No
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # A tiny kappa keeps (nearly) every token in the proxy, so low-probability candidates sit
     # below it and are regularised.
-    trainer = Trainer(model, LearnerConfig.model_validate({"loss": {"rho_neg": 0.3, "kappa": 1e-3}}))
+    trainer = Trainer(
+        model, LearnerConfig.model_validate({"loss": {"rho_neg": 0.3, "kappa": 1e-3}})
+    )
     stats = trainer.step(build_batch(make_groups(model), "std"))
     assert stats["num_candidates"] >= stats["num_regularized"] > 0
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())

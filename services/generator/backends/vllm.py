@@ -37,6 +37,7 @@ from lpreg_core.weights import WeightManifest, manifest_to_proto
 from lpreg_core.wire.lpreg.v1.control_pb2 import JoinGroup
 from services.common.broadcast import BroadcastFailed
 from services.generator.backends.base import SampledCompletion, SampleRequest
+from services.generator.backends.vllm_worker import checkpoint_tensor_shapes
 
 log = logging.getLogger("lpreg.generator.vllm")
 
@@ -81,6 +82,9 @@ class VLLMBackend:
         from vllm.platforms import current_platform
 
         self._config = config
+        # Every publish is checked against the checkpoint's tensor names and shapes (see
+        # vllm_worker); a model that is not a local safetensors directory fails here, not then.
+        checkpoint_tensor_shapes(model.path)
         self._tokenizer = AutoTokenizer.from_pretrained(model.path)
         self._vocab_size = int(AutoConfig.from_pretrained(model.path).vocab_size)
         self._eos_id = self._tokenizer.eos_token_id

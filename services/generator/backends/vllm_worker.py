@@ -53,12 +53,12 @@ _TIED_OUTPUT_NAME = "lm_head.weight"
 _SAFETENSORS_LEN_BYTES = 8
 
 
-def checkpoint_tensor_names(model_dir: str | Path) -> set[str]:
-    """Tensor names stored in the safetensors files of a Hugging Face model directory.
+def checkpoint_tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the safetensors files of a Hugging Face model directory.
 
     Reads only the JSON headers, so it costs nothing for large models.
     """
-    names: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
@@ -66,27 +66,39 @@ def checkpoint_tensor_names(model_dir: str | Path) -> set[str]:
         with path.open("rb") as f:
             (length,) = struct.unpack("<Q", f.read(_SAFETENSORS_LEN_BYTES))
             header: dict[str, Any] = json.loads(f.read(length))
-        names.update(k for k in header if k != "__metadata__")
-    return names
+        shapes.update(
+            (name, tuple(int(d) for d in entry["shape"]))
+            for name, entry in header.items()
+            if name != "__metadata__"
+        )
+    return shapes
 
 
-def check_weight_names(sent: set[str], expected: set[str], tied: bool) -> None:
-    """Raise ValueError unless ``sent`` covers exactly the checkpoint's tensors.
+def check_weights(
+    sent: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], tied: bool
+) -> None:
+    """Raise ValueError unless ``sent`` holds exactly the checkpoint's tensors and shapes.
 
     vLLM reloads layer by layer and processes a layer that got only part of its weights with
-    whatever the rest holds, so a partial publish would silently corrupt the model: it is
-    rejected before anything is loaded.
+    whatever the rest holds, and a tensor of the wrong shape fails half way through the model,
+    so a mismatched publish is rejected before anything is loaded.
     """
     if tied:
-        expected = expected - {_TIED_OUTPUT_NAME}
-        sent = sent - {_TIED_OUTPUT_NAME}
-    missing, unexpected = sorted(expected - sent), sorted(sent - expected)
-    if missing or unexpected:
+        expected = {n: s for n, s in expected.items() if n != _TIED_OUTPUT_NAME}
+        sent = {n: s for n, s in sent.items() if n != _TIED_OUTPUT_NAME}
+    missing = sorted(expected.keys() - sent.keys())
+    unexpected = sorted(sent.keys() - expected.keys())
+    reshaped = sorted(n for n in sent.keys() & expected.keys() if sent[n] != expected[n])
+    if missing or unexpected or reshaped:
         raise ValueError(
-            f"published weights do not match the generator's checkpoint: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}"
+            "published weights do not match the generator's checkpoint: "
+            f"missing {_few(missing)}, unexpected {_few(unexpected)}, "
+            f"other shape {[(n, sent[n], expected[n]) for n in reshaped[:5]]}"
         )
+
+
+def _few(names: list[str]) -> str:
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
 
 
 class LpregWorkerExtension:
@@ -110,13 +122,14 @@ class LpregWorkerExtension:
             self._lpreg_weight_receiver = receiver
         return receiver
 
-    def _lpreg_expected_names(self) -> tuple[set[str], bool]:
-        cached = getattr(self, "_lpreg_checkpoint_names", None)
+    def _lpreg_checkpoint(self) -> tuple[dict[str, tuple[int, ...]], bool]:
+        """Tensor shapes of the checkpoint the engine started from, and whether it is tied."""
+        cached = getattr(self, "_lpreg_checkpoint_shapes", None)
         if cached is None:
             model_config = self.vllm_config.model_config
             tied = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
-            cached = (checkpoint_tensor_names(model_config.model), tied)
-            self._lpreg_checkpoint_names = cached
+            cached = (checkpoint_tensor_shapes(model_config.model), tied)
+            self._lpreg_checkpoint_shapes = cached
         return cached
 
     def lpreg_join(self, join_bytes: bytes) -> dict[str, Any]:
@@ -164,8 +177,8 @@ class LpregWorkerExtension:
             manifest = manifest_from_proto(control_pb2.WeightManifest.FromString(manifest_bytes))
             device = self.device if self.device.type == "cuda" else torch.device("cpu")
             named = self._lpreg_receiver().receive(manifest, device, timeout_s)
-            expected, tied = self._lpreg_expected_names()
-            check_weight_names({name for name, _ in named}, expected, tied)
+            expected, tied = self._lpreg_checkpoint()
+            check_weights({s.name: s.shape for s in manifest.tensors}, expected, tied)
         except Exception as e:  # reported to the backend, which fails the publish
             result["error"] = f"{type(e).__name__}: {e}"
             return result
