@@ -1,0 +1,1 @@
+"""lpreg services: learner, generator, local launcher, and the network pieces they share."""
