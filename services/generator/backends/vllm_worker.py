@@ -139,6 +139,8 @@ class LpregWorkerExtension:
         """
         join = control_pb2.JoinGroup.FromString(join_bytes)
         rank = join.rank_offset + self.rank
+        # NCCL receives straight into this worker's GPU; Gloo into host memory.
+        device = self.device if join.backend == "nccl" else torch.device("cpu")
         try:
             self._lpreg_receiver().join(
                 epoch=join.epoch,
@@ -148,18 +150,19 @@ class LpregWorkerExtension:
                 store_port=join.store_port,
                 backend=join.backend,
                 timeout_s=join.timeout_s,
-                device=self.device if join.backend == "nccl" else "cpu",
+                device=device,
             )
         except Exception as e:  # reported to the backend, which fails the join
             return {"rank": rank, "error": f"{type(e).__name__}: {e}"}
+        self._lpreg_receive_device = device
         return {"rank": rank, "error": ""}
 
     def lpreg_receive_and_load(self, manifest_bytes: bytes, timeout_s: float) -> dict[str, Any]:
         """Receive one publish, verify it, and reload the weights in place.
 
         The caller pauses the engine first, so no forward pass runs while tensors change. The
-        checksum and the weight names are checked before the first tensor is written, so a bad
-        publish leaves the old weights intact. Errors come back in the result rather than as
+        checksum and the weight names and shapes are checked before the first tensor is written,
+        so a bad publish leaves the old weights intact. Errors come back in the result rather than as
         exceptions: the caller must know whether the model was touched (``loaded_partially``),
         an exception would only arrive as text, and vLLM logs each one as a worker crash.
         """
@@ -175,7 +178,7 @@ class LpregWorkerExtension:
         start = time.monotonic()
         try:
             manifest = manifest_from_proto(control_pb2.WeightManifest.FromString(manifest_bytes))
-            device = self.device if self.device.type == "cuda" else torch.device("cpu")
+            device = getattr(self, "_lpreg_receive_device", torch.device("cpu"))
             named = self._lpreg_receiver().receive(manifest, device, timeout_s)
             expected, tied = self._lpreg_checkpoint()
             check_weights({s.name: s.shape for s in manifest.tensors}, expected, tied)
