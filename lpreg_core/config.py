@@ -157,6 +157,15 @@ class LearnerConfig(_Section):
         0, ge=0, description="Greedy evaluation on held-out prompts every N steps (0 = off)."
     )
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts per evaluation.")
+    min_generators: int = Field(
+        1,
+        ge=0,
+        description="Generators that must be registered before the first prompts are issued "
+        "(waits at most min_generators_timeout_s, then starts with those present).",
+    )
+    min_generators_timeout_s: float = Field(
+        300.0, ge=0.0, description="Longest wait for min_generators at start-up."
+    )
     exit_when_done: bool = Field(
         True,
         description="Exit after the last step. Set false where an exit means a restart (a "

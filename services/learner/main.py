@@ -26,6 +26,7 @@ from lpreg_core.config import RunConfig, dump_config
 from lpreg_core.data import make_source
 from lpreg_core.rollout import SCHEMA_VERSION, group_policy_versions
 from lpreg_core.staleness import Admission, is_stale, staleness
+from lpreg_core.weights import dtype_from_name
 from lpreg_core.wire.lpreg.v1 import control_pb2, rollout_pb2
 from services.common.auth import load_auth_token
 from services.common.broadcast import WeightSender
@@ -42,8 +43,6 @@ from services.learner.registry import GeneratorRegistry
 from services.learner.trainer import Trainer, build_batch
 
 log = logging.getLogger("lpreg.learner")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def run_dir_of(config: RunConfig) -> Path:
@@ -62,7 +61,7 @@ class Learner:
         self.registry_prom = CollectorRegistry()
         self.metrics = LearnerMetrics(self.registry_prom, config.run_id)
         self.model = AutoModelForCausalLM.from_pretrained(
-            config.model.path, dtype=_DTYPES[config.model.dtype]
+            config.model.path, dtype=dtype_from_name(config.model.dtype)
         )
         self.device = torch.device("cpu")
         self.trainer = Trainer(self.model, config.learner)
@@ -284,6 +283,21 @@ class Learner:
         for gid, v in self.registry.loaded_versions().items():
             self.metrics.generator_weight_version.labels(generator=gid).set(v)
 
+    def _wait_for_generators(self) -> None:
+        want = self.config.learner.min_generators
+        deadline = time.monotonic() + self.config.learner.min_generators_timeout_s
+        while len(self.registry.alive()) < want and not self.stop.is_set():
+            if time.monotonic() > deadline:
+                log.warning(
+                    "%d of %d generators registered after %.0fs; starting anyway",
+                    len(self.registry.alive()),
+                    want,
+                    self.config.learner.min_generators_timeout_s,
+                )
+                return
+            self.stop.wait(0.2)
+        log.info("%d generator(s) registered", len(self.registry.alive()))
+
     # -- main loop ----------------------------------------------------------------------------
     def _train_step(
         self, groups: list[rollout_pb2.RolloutGroup], waited_s: float
@@ -466,6 +480,7 @@ class Learner:
                 "greedy eval accuracy before training: %.3f", self.extra["eval_accuracy_start"]
             )
         try:
+            self._wait_for_generators()
             self._issue()
             while self.step < config.learner.steps and not self.stop.is_set():
                 t = time.monotonic()

@@ -34,6 +34,8 @@ def run_local(config: RunConfig, *, config_path: str, overrides: list[str]) -> i
     run_dir = run_dir_of(config)
     if (run_dir / "metrics.jsonl").exists():
         run_dir = run_dir.with_name(f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # The learner starts issuing once every generator is up, so all of them serve from step 1.
+    overrides = [*overrides, f"learner.min_generators={config.local.num_generators}"]
     cluster = LocalCluster(config_path, run_dir, overrides, redis_server=config.local.redis_server)
     stopping = {"flag": False}
 

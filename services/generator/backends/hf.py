@@ -14,19 +14,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lpreg_core.config import HFBackendConfig, ModelConfig
-from lpreg_core.weights import WeightManifest
+from lpreg_core.weights import WeightManifest, dtype_from_name
 from lpreg_core.wire.lpreg.v1.control_pb2 import JoinGroup
 from services.common.broadcast import WeightReceiver
 from services.generator.backends.base import SampledCompletion, SampleRequest
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFBackend:
     def __init__(self, config: HFBackendConfig, model: ModelConfig, *, seed: int) -> None:
         self._config = config
         self._tokenizer = AutoTokenizer.from_pretrained(model.path)
-        self._model = AutoModelForCausalLM.from_pretrained(model.path, dtype=_DTYPES[model.dtype])
+        self._model = AutoModelForCausalLM.from_pretrained(
+            model.path, dtype=dtype_from_name(model.dtype)
+        )
         self._model.eval()
         self._device = torch.device("cpu")
         self._generator = torch.Generator().manual_seed(seed)
