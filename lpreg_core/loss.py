@@ -142,12 +142,11 @@ class LpRegConfig(BaseModel):
     )
 
 
-class GRPOConfig(BaseModel):
-    """Plain GRPO: PPO-clip surrogate with symmetric clipping."""
+class _ClippedSurrogateConfig(BaseModel):
+    """Fields shared by the PPO-clip baselines."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    type: Literal["grpo"] = Field("grpo", description="Loss variant discriminator.")
     clip_low: float = Field(0.2, ge=0.0, le=1.0, description=_CLIP_LOW_DESCRIPTION)
     clip_high: float = Field(0.2, ge=0.0, description=_CLIP_HIGH_DESCRIPTION)
     temperature: float = Field(1.0, gt=0.0, description=_TEMPERATURE_DESCRIPTION)
@@ -156,36 +155,27 @@ class GRPOConfig(BaseModel):
     )
 
 
-class ClipHigherConfig(BaseModel):
+class GRPOConfig(_ClippedSurrogateConfig):
+    """Plain GRPO: PPO-clip surrogate with symmetric clipping."""
+
+    type: Literal["grpo"] = Field("grpo", description="Loss variant discriminator.")
+
+
+class ClipHigherConfig(_ClippedSurrogateConfig):
     """DAPO's clip-higher: PPO-clip surrogate with a wider upper clip (0.28)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
     type: Literal["clip_higher"] = Field("clip_higher", description="Loss variant discriminator.")
-    clip_low: float = Field(0.2, ge=0.0, le=1.0, description=_CLIP_LOW_DESCRIPTION)
     clip_high: float = Field(0.28, ge=0.0, description=_CLIP_HIGH_DESCRIPTION)
-    temperature: float = Field(1.0, gt=0.0, description=_TEMPERATURE_DESCRIPTION)
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean"] = Field(
-        "token-mean", description=_LOSS_AGG_DESCRIPTION
-    )
 
 
-class EntropyBonusConfig(BaseModel):
+class EntropyBonusConfig(_ClippedSurrogateConfig):
     """PPO-clip surrogate minus entropy_coef times the policy entropy at each valid token."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     type: Literal["entropy_bonus"] = Field(
         "entropy_bonus", description="Loss variant discriminator."
     )
-    clip_low: float = Field(0.2, ge=0.0, le=1.0, description=_CLIP_LOW_DESCRIPTION)
-    clip_high: float = Field(0.2, ge=0.0, description=_CLIP_HIGH_DESCRIPTION)
     entropy_coef: float = Field(
         0.001, ge=0.0, description="Weight of the entropy bonus: l_t -= entropy_coef * H_t."
-    )
-    temperature: float = Field(1.0, gt=0.0, description=_TEMPERATURE_DESCRIPTION)
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean"] = Field(
-        "token-mean", description=_LOSS_AGG_DESCRIPTION
     )
 
 
