@@ -2,12 +2,68 @@
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from services.common.metrics import STEP_BUCKETS_S, SharedMetrics
 
 STEP_PHASES = ("wait_rollouts", "stats", "forward_backward", "optimizer", "publish", "checkpoint")
 STREAMS = ("prompts", "rollouts", "dlq")
+# Streams read through a consumer group (prompts: `generators`, rollouts: `learner`); their
+# undelivered backlog is XINFO GROUPS `lag`.
+GROUP_STREAMS = ("prompts", "rollouts")
+# Why a weight publish failed: the epoch could not be formed (join), the collective send failed
+# (broadcast), or members did not report the version loaded before the deadline (ack).
+BROADCAST_FAILURES = ("join", "broadcast", "ack")
+# How often the service loop refreshes the timer-driven gauges (stream backlog); the HPA and the
+# dashboards read them between steps, which can last many minutes on large models.
+BACKLOG_REFRESH_S = 5.0
+
+
+class RolloutWaitClock(Collector):
+    """lpreg_learner_wait_rollouts_seconds_total: seconds spent waiting for rollouts, counted up to
+    the moment of the scrape (a wait in progress included), so the rate is the learner's
+    wait-for-rollouts share even while one long wait lasts."""
+
+    NAME = "lpreg_learner_wait_rollouts_seconds"
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._done_s = 0.0
+        self._since: float | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._since is None:
+                self._since = self._clock()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._since is not None:
+                self._done_s += max(0.0, self._clock() - self._since)
+                self._since = None
+
+    def total_s(self) -> float:
+        with self._lock:
+            running = 0.0 if self._since is None else max(0.0, self._clock() - self._since)
+            return self._done_s + running
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            self.NAME,
+            "Seconds the learner waited for rollouts (a wait in progress counts up to the scrape); "
+            "its rate is the wait-for-rollouts share the generator autoscaler reads.",
+        )
+        family.add_metric([], self.total_s())
+        yield family
 
 
 class LearnerMetrics(SharedMetrics):
@@ -128,3 +184,76 @@ class LearnerMetrics(SharedMetrics):
             buckets=STEP_BUCKETS_S,
             registry=r,
         )
+        self.stream_undelivered = Gauge(
+            "lpreg_redis_stream_undelivered",
+            "Entries no consumer of the stream's group has read yet (XINFO GROUPS lag): for "
+            "prompts, the backlog waiting for a generator. Refreshed every BACKLOG_REFRESH_S.",
+            ["stream"],
+            registry=r,
+        )
+        self.wait_clock = RolloutWaitClock()
+        r.register(self.wait_clock)
+        self.run_complete = Gauge(
+            "lpreg_learner_run_complete",
+            "1 once the run has trained all its steps and written its final model, else 0.",
+            registry=r,
+        )
+        self.eval_accuracy = Gauge(
+            "lpreg_learner_eval_accuracy",
+            "Greedy accuracy on held-out prompts at the last evaluation (NaN before the first).",
+            registry=r,
+        )
+        self.eval_accuracy.set(math.nan)
+        self.zero_advantage_groups = Counter(
+            "lpreg_learner_zero_advantage_groups",
+            "Trained groups whose rewards were all equal (zero advantage: no learning signal).",
+            registry=r,
+        )
+        self.broadcast_failures = Counter(
+            "lpreg_learner_broadcast_failures",
+            "Weight publishes that failed, by phase (join, broadcast, ack).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in BROADCAST_FAILURES:
+            self.broadcast_failures.labels(reason=reason)
+        self.broadcast_bytes = Counter(
+            "lpreg_learner_broadcast_bytes",
+            "Weight bytes sent by the collective broadcast (divide its rate by the broadcast "
+            "phase's seconds for the bandwidth).",
+            registry=r,
+        )
+        self.last_checkpoint_timestamp = Gauge(
+            "lpreg_learner_last_checkpoint_timestamp_seconds",
+            "Unix time of the newest durable checkpoint (NaN before the first).",
+            registry=r,
+        )
+        self.last_checkpoint_timestamp.set(math.nan)
+
+    @contextmanager
+    def waiting_for_rollouts(self) -> Iterator[None]:
+        """Wrap every wait for rollout groups: the wait counts while it lasts, not at its end."""
+        self.wait_clock.start()
+        try:
+            yield
+        finally:
+            self.wait_clock.stop()
+
+    def set_backlog(self, undelivered: dict[str, int | None]) -> None:
+        """Undelivered entries per stream from XINFO GROUPS lag; None (Redis cannot tell, e.g.
+        after a trim of unread entries) leaves the last value."""
+        for stream, n in undelivered.items():
+            if n is not None:
+                self.stream_undelivered.labels(stream=stream).set(n)
+
+    def forget_generator(self, generator_id: str) -> None:
+        """Drop a departed generator's series, so no alert or panel keeps a dead pod's last value."""
+        with suppress(KeyError):  # it never reported a loaded version
+            self.generator_weight_version.remove(generator_id)
+
+    def set_run_complete(self) -> None:
+        """The run trained all its steps: stall and availability alerts stand down."""
+        self.run_complete.set(1)
+
+    def checkpoint_written(self, wall_time_s: float | None = None) -> None:
+        self.last_checkpoint_timestamp.set(time.time() if wall_time_s is None else wall_time_s)
