@@ -37,7 +37,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from lpreg_core.loss import DEFAULT_CHUNK_SIZE, token_stats_from_hidden  # noqa: E402
+from lpreg_core.loss import DEFAULT_CHUNK_SIZE, ProxyFilter, token_stats_from_hidden  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 _NUM_WEIGHT_ROWS_COMPARED = 4096
@@ -142,7 +142,7 @@ def _worker(args: argparse.Namespace) -> None:
                 weight,
                 tokens,
                 temperature=args.temperature,
-                kappa=args.kappa,
+                proxy=ProxyFilter(kappa=args.kappa),
                 chunk_size=args.chunk_size,
             )
             log_probs, entropy, proxy = stats.log_probs, stats.entropy, stats.proxy_log_probs

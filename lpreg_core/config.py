@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError, model_validator
 
-from lpreg_core.loss import LossConfig, LpRegConfig, default_tag
+from lpreg_core.loss_config import LossConfig, LpRegConfig, default_tag
 
 
 class _Section(BaseModel):

@@ -20,7 +20,12 @@ from torch import Tensor
 
 from lpreg_core.advantages import grpo_advantages
 from lpreg_core.config import LearnerConfig, OffPolicyConfig
-from lpreg_core.loss import LpRegConfig, policy_loss, select_regularized, token_stats_from_hidden
+from lpreg_core.loss import (
+    ProxyFilter,
+    policy_loss,
+    select_regularized,
+    token_stats_from_hidden,
+)
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
 
 
@@ -120,9 +125,11 @@ class Trainer:
         for start in range(0, num, size):
             yield slice(start, min(num, start + size))
 
-    def _token_stats(self, batch: StepBatch, rows: slice):
-        """Per-token log-probs, entropy and proxy log-probs of completion tokens in `rows`,
-        scattered into the (rows, C) layout."""
+    def _token_stats(
+        self, batch: StepBatch, rows: slice, proxy: ProxyFilter | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-token log-probs, entropy and (with a proxy filter) proxy log-probs of completion
+        tokens in `rows`, scattered into the (rows, C) layout."""
         seqs = batch.sequences[rows]
         width = max(len(s) for s in seqs)
         input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -141,8 +148,7 @@ class Trainer:
             self._lm_head.weight,
             batch.tokens[rows][mask],
             temperature=self.loss_config.temperature,
-            kappa=getattr(self.loss_config, "kappa", 0.02),
-            threshold_mode=getattr(self.loss_config, "threshold_mode", "minp"),
+            proxy=proxy,
             chunk_size=self.config.logit_chunk_size,
         )
 
@@ -150,26 +156,40 @@ class Trainer:
             out = torch.zeros(mask.shape, dtype=flat.dtype)
             return out.index_put((row_idx, col_idx), flat)
 
-        return scatter(stats.log_probs), scatter(stats.entropy), scatter(stats.proxy_log_probs)
+        proxy_log_probs = None if stats.proxy_log_probs is None else scatter(stats.proxy_log_probs)
+        return scatter(stats.log_probs), scatter(stats.entropy), proxy_log_probs
 
     def step(self, batch: StepBatch) -> dict[str, float]:
         # No dropout in the policy: both passes must see the same function of the weights.
         self.model.eval()
         num = len(batch.sequences)
         with torch.no_grad():
-            parts = [self._token_stats(batch, rows) for rows in self._micro_batches(num)]
+            # The proxy comes from the step-start policy: only this pass computes it, and only
+            # for a loss that declares a proxy filter.
+            parts = [
+                self._token_stats(batch, rows, self.loss_config.proxy_filter)
+                for rows in self._micro_batches(num)
+            ]
         proximal = torch.cat([p[0] for p in parts])
         entropy = torch.cat([p[1] for p in parts])
-        proxy = torch.cat([p[2] for p in parts])
+        proxies = [p[2] for p in parts if p[2] is not None]
+        proxy = torch.cat(proxies) if proxies else None
         weights, mask = _behaviour_weights(
             proximal, batch.behaviour_log_probs, batch.mask, self.config.off_policy
         )
         reg_mask = None
         totals: dict[str, float] = {}
         lp = self.loss_config
-        if isinstance(lp, LpRegConfig) and lp.ranking == "step":
+        ranking = lp.step_ranking
+        if ranking is not None:
+            assert proxy is not None, "a loss that ranks candidates declares a proxy filter"
             candidates, reg_mask = select_regularized(
-                proximal, proxy, batch.advantages, mask, rho_neg=lp.rho_neg, rho_pos=lp.rho_pos
+                proximal,
+                proxy,
+                batch.advantages,
+                mask,
+                rho_neg=ranking.rho_neg,
+                rho_pos=ranking.rho_pos,
             )
             totals["num_candidates"] = float(candidates.sum())
         # The loss denominator of the whole step (policy_loss's num_tokens): valid tokens, or
@@ -181,18 +201,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for rows in self._micro_batches(num):
-            log_probs, ent, _ = self._token_stats(batch, rows)
+            log_probs, ent, _ = self._token_stats(batch, rows, None)
             loss, metrics = policy_loss(
                 log_probs,
                 proximal[rows],
-                proxy[rows],
+                None if proxy is None else proxy[rows],
                 batch.advantages[rows],
                 mask[rows],
                 config=lp,
                 num_tokens=num_tokens,
                 reg_mask=None if reg_mask is None else reg_mask[rows],
                 behaviour_weights=None if weights is None else weights[rows],
-                entropy=ent,
+                entropy=ent if lp.needs_entropy_grad else None,
             )
             loss.backward()
             loss_total += float(loss.detach())

@@ -41,6 +41,7 @@ def test_core_sources_import_nothing_that_talks_to_the_outside() -> None:
 
 def test_importing_the_core_loads_no_service_or_network_client() -> None:
     modules = [f"lpreg_core.{p.stem}" for p in CORE.glob("*.py") if p.stem != "__init__"]
+    modules += [f"lpreg_core.{p.parent.name}" for p in CORE.glob("*/__init__.py")]
     code = (
         "import sys\n"
         + "".join(f"import {m}\n" for m in modules)
@@ -49,3 +50,13 @@ def test_importing_the_core_loads_no_service_or_network_client() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_the_config_tree_loads_without_torch() -> None:
+    """Reading and validating a config (the CLI, every service's start-up) needs no torch."""
+    code = (
+        "import sys, lpreg_core.config, lpreg_core.loss_config\n"
+        "lpreg_core.config.RunConfig()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,6 +10,7 @@ import torch
 from lpreg_core.loss import (
     TOKEN_MEAN_EPS,
     LpRegConfig,
+    ProxyFilter,
     lp_reg_from_logits,
     policy_loss,
     proxy_log_probs_from_logits,
@@ -108,8 +109,7 @@ def test_fused_equals_full_logits_lp_reg(
     weight = prob["weight"].clone().requires_grad_()
     kwargs: dict[str, Any] = {
         "temperature": temperature,
-        "kappa": kappa,
-        "threshold_mode": threshold_mode,
+        "proxy": ProxyFilter(kappa, threshold_mode),  # type: ignore[arg-type]
         "chunk_size": 7,
     }
     with torch.no_grad():
@@ -155,7 +155,7 @@ def test_gradients_match_plain_autograd(temperature: float) -> None:
     hidden = prob["hidden"].clone().requires_grad_()
     weight = prob["weight"].clone().requires_grad_()
     stats = token_stats_from_hidden(
-        hidden, weight, tokens, temperature=temperature, kappa=0.02, chunk_size=4
+        hidden, weight, tokens, temperature=temperature, proxy=ProxyFilter(0.02), chunk_size=4
     )
     ((stats.log_probs * w_lp).sum() + (stats.entropy * w_ent).sum()).backward()
 
@@ -211,7 +211,12 @@ def test_chunk_size_does_not_change_results(chunk_size: int) -> None:
         hidden = prob["hidden"].clone().requires_grad_()
         weight = prob["weight"].clone().requires_grad_()
         stats = token_stats_from_hidden(
-            hidden, weight, prob["tokens"], temperature=1.0, kappa=0.02, chunk_size=size
+            hidden,
+            weight,
+            prob["tokens"],
+            temperature=1.0,
+            proxy=ProxyFilter(0.02),
+            chunk_size=size,
         )
         (stats.log_probs.sum() + stats.entropy.sum()).backward()
         outs.append((stats, hidden.grad, weight.grad))
@@ -238,7 +243,7 @@ def test_backward_saves_no_vocabulary_sized_tensor() -> None:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         stats = token_stats_from_hidden(
-            hidden, weight, tokens, temperature=1.0, kappa=0.02, chunk_size=16
+            hidden, weight, tokens, temperature=1.0, proxy=ProxyFilter(0.02), chunk_size=16
         )
     assert saved, "the function saved nothing for backward"
     assert all(shape != (num_tokens, vocab) for shape in saved), saved
@@ -253,14 +258,14 @@ def test_only_requested_gradients_and_no_grad_mode() -> None:
     prob = _problem(F64, seed=6)
     weight = prob["weight"].clone().requires_grad_()
     stats = token_stats_from_hidden(
-        prob["hidden"], weight, prob["tokens"], temperature=1.0, kappa=0.02
+        prob["hidden"], weight, prob["tokens"], temperature=1.0, proxy=ProxyFilter(0.02)
     )
     assert not stats.proxy_log_probs.requires_grad and not stats.proxy_keep_count.requires_grad
     stats.log_probs.sum().backward()
     assert weight.grad is not None and bool(torch.isfinite(weight.grad).all())
     with torch.no_grad():
         stats = token_stats_from_hidden(
-            prob["hidden"], weight, prob["tokens"], temperature=1.0, kappa=0.02
+            prob["hidden"], weight, prob["tokens"], temperature=1.0, proxy=ProxyFilter(0.02)
         )
     assert stats.log_probs.grad_fn is None
 
@@ -269,7 +274,7 @@ def test_empty_input() -> None:
     hidden = torch.zeros(0, 4, requires_grad=True)
     weight = torch.randn(9, 4, requires_grad=True)
     stats = token_stats_from_hidden(
-        hidden, weight, torch.zeros(0, dtype=torch.long), temperature=1.0, kappa=0.02
+        hidden, weight, torch.zeros(0, dtype=torch.long), temperature=1.0, proxy=ProxyFilter(0.02)
     )
     assert stats.log_probs.shape == (0,) and stats.proxy_keep_count.shape == (0,)
     (stats.log_probs.sum() + stats.entropy.sum()).backward()
@@ -281,7 +286,7 @@ def test_bfloat16_inputs_compute_in_float32() -> None:
     hidden = prob["hidden"].to(torch.bfloat16).requires_grad_()
     weight = prob["weight"].to(torch.bfloat16).requires_grad_()
     stats = token_stats_from_hidden(
-        hidden, weight, prob["tokens"], temperature=1.0, kappa=0.02, chunk_size=8
+        hidden, weight, prob["tokens"], temperature=1.0, proxy=ProxyFilter(0.02), chunk_size=8
     )
     stats.log_probs.sum().backward()
     assert stats.log_probs.dtype == torch.float32 and stats.entropy.dtype == torch.float32
@@ -290,7 +295,9 @@ def test_bfloat16_inputs_compute_in_float32() -> None:
 
     hidden32 = hidden.detach().float().requires_grad_()
     weight32 = weight.detach().float().requires_grad_()
-    ref = token_stats_from_hidden(hidden32, weight32, prob["tokens"], temperature=1.0, kappa=0.02)
+    ref = token_stats_from_hidden(
+        hidden32, weight32, prob["tokens"], temperature=1.0, proxy=ProxyFilter(0.02)
+    )
     ref.log_probs.sum().backward()
     # Logits are rounded to bfloat16 by the half-precision matmul: about 3 significant digits.
     _assert_close(stats.log_probs, ref.log_probs, 0.1, "log_probs")
@@ -308,12 +315,16 @@ def test_argument_errors() -> None:
             weight,
             torch.zeros(3, dtype=torch.long),
             temperature=1.0,
-            kappa=0.02,
+            proxy=ProxyFilter(0.02),
             chunk_size=0,
         )
     with pytest.raises(ValueError, match="leading"):
         token_stats_from_hidden(
-            hidden, weight, torch.zeros(4, dtype=torch.long), temperature=1.0, kappa=0.02
+            hidden,
+            weight,
+            torch.zeros(4, dtype=torch.long),
+            temperature=1.0,
+            proxy=ProxyFilter(0.02),
         )
     with pytest.raises(ValueError, match="threshold_mode"):
         token_stats_from_hidden(
@@ -321,8 +332,7 @@ def test_argument_errors() -> None:
             weight,
             torch.zeros(3, dtype=torch.long),
             temperature=1.0,
-            kappa=0.02,
-            threshold_mode="top_p",  # type: ignore[arg-type]
+            proxy=ProxyFilter(0.02, "top_p"),  # type: ignore[arg-type]
         )
 
 
@@ -330,7 +340,7 @@ def test_micro_batches_through_the_fused_path_accumulate_the_one_batch_gradient(
     """The learner's pattern: step-wide ranking and denominator, one backward per micro-batch."""
     prob = _problem(F64, seed=8, batch=8, length=9)
     cfg = LpRegConfig(rho_neg=0.3, rho_pos=0.2, clip_low=0.2, clip_high=0.28)
-    kwargs: dict[str, Any] = {"temperature": 1.0, "kappa": 0.02, "chunk_size": 5}
+    kwargs: dict[str, Any] = {"temperature": 1.0, "proxy": ProxyFilter(0.02), "chunk_size": 5}
     mask = prob["mask"]
     with torch.no_grad():
         old = token_stats_from_hidden(

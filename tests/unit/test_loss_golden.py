@@ -178,8 +178,7 @@ def test_fused_path_matches_reference(case: dict[str, Any]) -> None:
     tokens = inputs["tokens"].reshape(-1)
     stat_kwargs = {
         "temperature": cfg.temperature,
-        "kappa": cfg.kappa,
-        "threshold_mode": cfg.threshold_mode,
+        "proxy": cfg.proxy_filter,
         "chunk_size": 5,
     }
     cur = token_stats_from_hidden(hidden, eye, tokens, **stat_kwargs)

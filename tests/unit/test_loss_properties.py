@@ -16,9 +16,12 @@ from lpreg_core.loss import (
     GRPOConfig,
     LossConfig,
     LpRegConfig,
+    ProxyFilter,
+    StepRanking,
     lp_reg_from_logits,
     policy_loss,
     select_regularized,
+    token_stats_from_hidden,
 )
 
 F64 = torch.float64
@@ -567,3 +570,38 @@ def test_defaults_are_the_paper_settings_and_every_field_is_documented() -> None
     for model in (LpRegConfig, GRPOConfig, ClipHigherConfig, EntropyBonusConfig):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
+
+
+def test_each_variant_declares_the_token_statistics_it_needs() -> None:
+    lp = LpRegConfig(kappa=0.03, threshold_mode="fixed", rho_neg=0.2, rho_pos=0.1)
+    assert lp.needs_proxy and lp.proxy_filter == ProxyFilter(kappa=0.03, threshold_mode="fixed")
+    assert lp.step_ranking == StepRanking(rho_neg=0.2, rho_pos=0.1)
+    assert not lp.needs_entropy_grad
+    # Ranked per micro-batch, the selection happens inside policy_loss: no step-wide ranking.
+    assert LpRegConfig(ranking="micro_batch").step_ranking is None
+    for baseline in (GRPOConfig(), ClipHigherConfig()):
+        assert not baseline.needs_proxy and baseline.proxy_filter is None
+        assert baseline.step_ranking is None and not baseline.needs_entropy_grad
+    bonus = EntropyBonusConfig()
+    assert bonus.needs_entropy_grad and not bonus.needs_proxy and bonus.step_ranking is None
+    with pytest.raises(ValueError, match="threshold_mode"):
+        ProxyFilter(kappa=0.02, threshold_mode="top_p")  # type: ignore[arg-type]
+
+
+def test_a_loss_without_proxy_gets_no_proxy_statistics() -> None:
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
+    weight = torch.randn(11, 4, generator=g, dtype=F64)
+    tokens = torch.randint(0, 11, (5,), generator=g)
+    bare = token_stats_from_hidden(
+        hidden, weight, tokens, temperature=0.7, proxy=GRPOConfig(temperature=0.7).proxy_filter
+    )
+    assert bare.proxy_log_probs is None and bare.proxy_keep_count is None
+    full = token_stats_from_hidden(
+        hidden, weight, tokens, temperature=0.7, proxy=LpRegConfig().proxy_filter
+    )
+    assert full.proxy_log_probs is not None and full.proxy_keep_count is not None
+    # Skipping the proxy changes nothing else, bit for bit.
+    assert torch.equal(bare.log_probs, full.log_probs) and torch.equal(bare.entropy, full.entropy)
+    (bare.log_probs.sum() + bare.entropy.sum()).backward()
+    assert hidden.grad is not None and bool(torch.isfinite(hidden.grad).all())
