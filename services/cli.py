@@ -3,6 +3,7 @@
 lpreg local CONFIG [--set k=v ...]        private redis-server + learner + N generators
 lpreg learner CONFIG [--resume] [--set k=v ...]
 lpreg generator CONFIG [--id ID] [--set k=v ...]
+lpreg eval CONFIG --checkpoint DIR --data FILE   accuracy, pass@k, length, entropy
 lpreg config show CONFIG [--set k=v ...]  print the resolved config
 lpreg config fields                       every config field with its description
 """
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--id", default=None, help="generator id (default: $LPREG_GENERATOR_ID or host-pid)"
     )
+    p = sub.add_parser("eval", help="accuracy, pass@k, length and entropy of a checkpoint")
+    _add_config_args(p)
+    from services.eval.args import add_eval_args
+
+    add_eval_args(p)
     p = sub.add_parser("config", help="inspect configs")
     csub = p.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the resolved config as YAML")
@@ -101,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(config), end="")
         return 0
+    if args.command == "eval":
+        from services.eval.main import run_eval
+
+        try:
+            return run_eval(config, args)
+        except (OSError, ValueError, RuntimeError) as e:
+            print(f"lpreg eval: {e}", file=sys.stderr)
+            return 1
     from services.common.auth import AuthConfigError
     from services.common.grpc_server import ControlError
     from services.common.redis_streams import TransportUnavailable
