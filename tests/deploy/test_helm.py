@@ -36,7 +36,13 @@ BUILTIN_KINDS = {
     "ServiceAccount",
     "StatefulSet",
 }
-CRD_KINDS = {"PodMonitor", "PrometheusRule", "ServiceMonitor"}
+# Custom resources: the Prometheus Operator's and KEDA's, by API group.
+CRD_KINDS = {
+    "PodMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "ScaledObject": "keda.sh/v1alpha1",
+}
 
 SERVICE_SECRET_ENV = {"LPREG_AUTH_TOKEN", "LPREG_REDIS_PASSWORD"}
 
@@ -99,15 +105,20 @@ def test_install_dry_run(key: str) -> None:
 
 
 def test_objects_validate_against_kubernetes_schemas(rendered: Rendered) -> None:
+    validate_objects(rendered)
+
+
+def validate_objects(rendered: Rendered) -> None:
+    """Strict Kubernetes schema validation of every built-in object; API groups of the others."""
     import kubernetes_validate
 
     kinds = {o["kind"] for o in rendered.objects}
-    assert kinds <= BUILTIN_KINDS | CRD_KINDS, (
-        f"unexpected kinds {kinds - BUILTIN_KINDS - CRD_KINDS}"
+    assert kinds <= BUILTIN_KINDS | set(CRD_KINDS), (
+        f"unexpected kinds {kinds - BUILTIN_KINDS - set(CRD_KINDS)}"
     )
     for obj in rendered.objects:
         if obj["kind"] in CRD_KINDS:
-            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            assert obj["apiVersion"] == CRD_KINDS[obj["kind"]]
             continue
         try:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
@@ -149,14 +160,19 @@ def test_hpa_only_when_enabled(rendered: Rendered) -> None:
     # The HPA owns the replica count; a fixed one would fight it on every upgrade.
     assert "replicas" not in deployment["spec"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["type"] == "External"
-    assert metric["external"]["metric"]["name"] == "lpreg_redis_stream_length"
+    backlog, wait_share = hpa["spec"]["metrics"]
     run_id = rendered.values["config"]["run_id"]
-    assert metric["external"]["metric"]["selector"]["matchLabels"] == {
+    # Not the stream length: it counts prompts generators already hold, which admission caps.
+    assert backlog["type"] == "External"
+    assert backlog["external"]["metric"]["name"] == "lpreg_redis_stream_undelivered"
+    assert backlog["external"]["metric"]["selector"]["matchLabels"] == {
         "stream": "prompts",
         "run": run_id,
     }
+    assert backlog["external"]["target"]["type"] == "AverageValue"
+    assert wait_share["external"]["metric"]["name"] == "lpreg_learner_wait_rollouts_share"
+    assert wait_share["external"]["metric"]["selector"]["matchLabels"] == {"run": run_id}
+    assert wait_share["external"]["target"]["type"] == "Value"
 
 
 def test_gpu_example_scales_eight_gpu_generators_with_nccl() -> None:
@@ -169,8 +185,20 @@ def test_gpu_example_scales_eight_gpu_generators_with_nccl() -> None:
     # With the HPA on, it owns the count: eight generators is its floor.
     assert r.one("HorizontalPodAutoscaler", "-generator")["spec"]["minReplicas"] == 8
     config = config_of(r)
+    assert config["learner"]["device"] == "cuda"
     assert config["broadcast"]["backend"] == "nccl"
     assert config["generator"]["backend"]["type"] == "vllm"
+    for component in ("learner", "generator"):
+        spec = pod_template(r, component)["spec"]
+        assert spec["runtimeClassName"] == "nvidia", component
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, component
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+            "tolerations"
+        ], component
+        env = {e["name"]: e.get("value") for e in container(r, component)["env"]}
+        assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "eth0", component
+    # The pods spread over nodes, so the model claim must attach to several.
+    assert values["modelStorage"]["accessMode"] in ("ReadOnlyMany", "ReadWriteMany")
 
 
 def test_pdb_selects_generators(rendered: Rendered) -> None:
@@ -263,10 +291,11 @@ def test_every_pod_runs_as_non_root_with_no_capabilities(rendered: Rendered) -> 
 
 def test_image_tags_are_pinned(rendered: Rendered) -> None:
     for name, c in containers(rendered):
-        image = c["image"]
+        image, _, digest = c["image"].partition("@")
         repo, _, tag = image.rpartition(":")
         assert repo and tag and "/" not in tag, f"{name}: {image} has no tag"
         assert tag != "latest", f"{name}: {image}"
+        assert not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"{name}: {digest}"
 
 
 def test_learner_statefulset(rendered: Rendered) -> None:
@@ -333,9 +362,20 @@ def test_network_policies(rendered: Rendered) -> None:
     # Collective backends use ephemeral ports: generators need every TCP port of the learner.
     assert {"protocol": "TCP"} in learner["ingress"][0]["ports"]
     redis = policies[f"{RELEASE}-redis"]
-    (rule,) = redis["ingress"]
+    rule, *metrics_rules = redis["ingress"]
     (peer,) = rule["from"]
     assert peer["podSelector"]["matchExpressions"][0]["values"] == ["learner", "generator"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    exporter = rendered.values.get("redis", {}).get("metrics", {}).get("enabled", False)
+    assert len(metrics_rules) == (1 if exporter else 0)
+    for metrics_rule in metrics_rules:
+        assert metrics_rule["ports"] == [{"port": 9121, "protocol": "TCP"}]
+    # Prometheus peers are scoped to a namespace, never "any namespace's pod labelled prometheus".
+    for name, policy in policies.items():
+        for rule in policy["ingress"]:
+            for peer in rule["from"]:
+                if "namespaceSelector" in peer:
+                    assert peer["namespaceSelector"], f"{name}: any namespace may scrape"
 
 
 def test_monitors_attach_run_and_instance_labels() -> None:
@@ -426,6 +466,19 @@ def test_schema_rejects_bad_values() -> None:
         {"image": {"tag": "latest"}},
         {"learner": {"ports": {"grpc": 70000}}},
         {"podSecurityContext": {"runAsNonRoot": False}},
+        {"image": {"digest": "sha256:123"}},
+        {"redis": {"image": {"digest": "md5:" + "0" * 32}}},
+        {"tls": {"enabled": True}},
+        {"tls": {"enabled": True, "existingSecret": "certs", "mountPath": "/etc/lpreg"}},
+        {"nccl": {"env": {"LD_PRELOAD": "/x.so"}}},
+        {"nccl": {"rdma": {"resourceName": "rdma/hca", "count": 0}}},
+        {"modelStorage": {"accessMode": "ReadOnce"}},
+        {"nccl": {"debug": "LOUD"}},
+        {"generator": {"autoscaling": {"waitShare": {"target": "1.5"}}}},
+        {"generator": {"autoscaling": {"metric": {"name": "lpreg_redis_stream_length"}}}},
+        {"generator": {"tmpSizeLimit": "lots"}},
+        {"learner": {"extraVolumeMounts": [{"name": "certs"}]}},
+        {"generator": {"initContainers": [{"name": "fetch"}]}},
     ]
     with helm_python.Chart.load(CHART) as chart:
         chart.validate_schema(chart.merge_values({}))
