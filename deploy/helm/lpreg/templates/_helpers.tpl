@@ -287,7 +287,11 @@ the pod's volumes are theirs to mount (e.g. a model download into an extraVolume
 {{- define "lpreg.initContainers" -}}
 {{- $values := index .ctx.Values .component }}
 {{- range $values.initContainers }}
-- {{- toYaml (merge (deepCopy .) (dict "securityContext" $.ctx.Values.securityContext)) | nindent 2 }}
+{{- $init := deepCopy . }}
+{{- if not (hasKey $init "securityContext") }}
+{{- $_ := set $init "securityContext" $.ctx.Values.securityContext }}
+{{- end }}
+- {{- toYaml $init | nindent 2 }}
 {{- end }}
 {{- end }}
 
