@@ -38,6 +38,13 @@ VALUES_FILES: dict[str, Path | None] = {
 
 # Metric names, not recording-rule names (lpreg:...:...) that contain them.
 METRIC_NAME = re.compile(r"(?<![\w:])lpreg_[a-z0-9_]+")
+# Every series selector of a query: a metric name (lpreg's, recording rules', or an external
+# exporter's) followed by its label matchers.
+ANY_SELECTOR = re.compile(r"(?<![\w:])([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+# Series that other exporters publish, which the services' exposition cannot contain: NVIDIA's
+# dcgm-exporter (GPUs), vLLM's engine statistics, and redis_exporter. Only these prefixes are
+# exempt from the check that every queried series is really exported.
+EXTERNAL_METRIC_PREFIXES = ("DCGM_FI_", "vllm:", "redis_")
 
 
 def tool(name: str, *, venv: bool) -> str:

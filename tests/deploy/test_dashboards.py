@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import yaml
 from deployutil import (
+    ANY_SELECTOR,
     DASHBOARDS,
+    EXTERNAL_METRIC_PREFIXES,
     METRIC_NAME,
     dashboard_expressions,
     dashboard_panels,
@@ -29,7 +30,6 @@ SUBSTITUTIONS = {
     "$namespace": "ns",
     "$run": "run",
 }
-SELECTOR = re.compile(r"\b(lpreg_[a-z0-9_]+)\s*(\{[^}]*\})?")
 
 
 def test_dashboards_exist() -> None:
@@ -75,14 +75,66 @@ def test_templating(path: Path) -> None:
 
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
 def test_every_selector_is_filtered_by_namespace_and_run(path: Path) -> None:
+    """Every series is read from the chosen namespace, and every expression is tied to the chosen
+    run: lpreg and vLLM series (scraped from the run's pods) by their run label, DCGM series by
+    a join with the run's lpreg_build_info."""
     for title, expr in dashboard_expressions(load_dashboard(path)):
-        selectors = SELECTOR.findall(expr)
-        assert selectors, f"{title}: no lpreg metric in {expr}"
+        selectors = ANY_SELECTOR.findall(expr)
+        assert selectors, f"{title}: no series selector in {expr}"
         for name, matchers in selectors:
             assert 'namespace="$namespace"' in matchers, (
                 f"{title}: {name} lacks the namespace filter"
             )
-            assert 'run="$run"' in matchers, f"{title}: {name} lacks the run filter"
+            if name.startswith(("lpreg_", "vllm:", "redis_")):
+                assert 'run="$run"' in matchers, f"{title}: {name} lacks the run filter"
+        assert any('run="$run"' in matchers for _, matchers in selectors), (
+            f"{title}: not filtered by run"
+        )
+
+
+@pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
+def test_external_metrics_are_only_from_allowed_exporters(path: Path) -> None:
+    """A panel may query another exporter's series only under an allow-listed prefix; anything
+    else must be an lpreg metric, which test_every_metric_is_exported checks."""
+    external = set()
+    for title, expr in dashboard_expressions(load_dashboard(path)):
+        for name, _ in ANY_SELECTOR.findall(expr):
+            if name.startswith("lpreg_"):
+                continue
+            assert name.startswith(EXTERNAL_METRIC_PREFIXES), f"{title}: {name} is not exported"
+            external.add(name)
+    # What operators watch on GPU runs, by the names those exporters publish.
+    assert {
+        "DCGM_FI_DEV_GPU_UTIL",
+        "DCGM_FI_DEV_FB_USED",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:num_preemptions_total",
+        "redis_memory_used_bytes",
+    } <= external
+
+
+@pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
+def test_operator_panels_exist(path: Path) -> None:
+    used = {
+        name
+        for _, expr in dashboard_expressions(load_dashboard(path))
+        for name in METRIC_NAME.findall(expr)
+    }
+    assert {
+        "lpreg_learner_eval_accuracy",
+        "lpreg_generator_response_length_tokens_bucket",
+        "lpreg_generator_responses_total",
+        "lpreg_learner_zero_advantage_groups_total",
+        "lpreg_learner_broadcast_failures_total",
+        "lpreg_learner_broadcast_bytes_total",
+        "lpreg_learner_last_checkpoint_timestamp_seconds",
+        "lpreg_redis_stream_undelivered",
+        "lpreg_learner_wait_rollouts_seconds_total",
+        "lpreg_learner_run_complete",
+    } <= used
 
 
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
