@@ -141,7 +141,9 @@ def load_problems(
             answer = _answer_text(resolve_field(row, fields.answer_field))
             text = fields.prompt_template.format(prompt=prompt)
         except (KeyError, TypeError, IndexError, ValueError) as e:
-            raise ValueError(f"{where}: {e}") from e
+            # str(KeyError) quotes its message; show the message itself.
+            detail = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise ValueError(f"{where}: {detail}") from e
         out.append(EvalProblem(prompt_id=f"{path.stem}-{position}", prompt=text, answer=answer))
     if not out:
         raise ValueError(f"{path} holds no problems")
