@@ -27,7 +27,7 @@ import yaml
 from deployutil import REPO, RULES, rules, run_tool, tool, used_metric_names
 from prometheus_client.parser import text_string_to_metric_families
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 CONFIG = REPO / "examples" / "tiny" / "config.yaml"
 RUN = "tiny"
@@ -38,6 +38,8 @@ READY_TIMEOUT_S = 110.0
 POLL_S = 0.25
 # Per stop round (learner, then the rest): the learner finishes its step and checkpoints.
 STOP_GRACE_S = 15.0
+# A departed generator is dead once its Control stream closes or its heartbeat ttl (10 s) lapses.
+GENERATOR_GONE_TIMEOUT_S = 40.0
 # Loopback only: no request may be routed through a proxy named in the environment.
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -110,9 +112,9 @@ class Live:
     metrics: dict[str, str]
     deadline: float
 
-    def wait_for(self, what: str, probe: Callable[[], T | None]) -> T:
+    def wait_for(self, what: str | Callable[[], str], probe: Callable[[], T | None]) -> T:
         """Poll probe until it returns something truthy; fail with the logs at the deadline, or
-        as soon as a process exits."""
+        as soon as a process exits. ``what`` may be a callable, read at the deadline."""
         error: OSError | None = None
         while True:
             self.procs.check_alive()
@@ -124,7 +126,8 @@ class Live:
                 return value
             if time.monotonic() > self.deadline:
                 detail = f" (last error: {error})" if error else ""
-                pytest.fail(f"timed out waiting for {what}{detail}\n{self.procs.report()}")
+                said = what() if callable(what) else what
+                pytest.fail(f"timed out waiting for {said}{detail}\n{self.procs.report()}")
             time.sleep(POLL_S)
 
     def api(self, path: str, **params: str) -> Any:
@@ -256,13 +259,19 @@ def test_prometheus_scrapes_the_running_services(live: Live, promtool: str) -> N
     # query has one.
     used = used_metric_names()
     expositions: dict[str, str] = {}
+    missing: set[str] = set()
 
     def all_used_series_exposed() -> bool:
         expositions.update({c: http_get(url).decode() for c, url in live.metrics.items()})
         exposed = set().union(*(sample_names(text) for text in expositions.values()))
-        return used <= exposed
+        missing.clear()
+        missing.update(used - exposed)
+        return not missing
 
-    live.wait_for(f"samples of every series in {sorted(used)}", all_used_series_exposed)
+    def never_exposed() -> str:
+        return f"samples of every queried series; never exposed: {sorted(missing)}"
+
+    live.wait_for(never_exposed, all_used_series_exposed)
     for text in expositions.values():
         run_tool([promtool, "check", "metrics"], stdin=text.encode())
 
@@ -280,3 +289,32 @@ def test_prometheus_scrapes_the_running_services(live: Live, promtool: str) -> N
         lambda: live.query('lpreg:generator_version_lag{generator="gen-0"}'),
     )
     assert (lag["metric"]["run"], lag["metric"]["namespace"]) == (RUN, NAMESPACE), lag
+
+    # Series the service loops drive, beyond declaring them: the backlog gauge the learner
+    # refreshes from XINFO GROUPS lag, the wait clock around its wait for rollouts (the first
+    # step waits for the generator), one observation per sampled completion.
+    driven: list[tuple[str, Callable[[float], bool]]] = [
+        ('lpreg_redis_stream_undelivered{stream="prompts"}', lambda v: v >= 0),
+        ("lpreg_learner_wait_rollouts_seconds_total", lambda v: v > 0),
+        ("sum(lpreg_generator_responses_total)", lambda v: v > 0),
+        ("lpreg_generator_response_length_tokens_count", lambda v: v > 0),
+    ]
+    for promql, holds in driven:
+        samples = live.wait_for(
+            f"{promql} driven by the service",
+            lambda q=promql, ok=holds: [r for r in live.query(q) if ok(float(r["value"][1]))],
+        )
+        assert samples, promql
+
+    # A generator that leaves takes its per-generator series with it: no ghost line on the
+    # version-lag panel, no LpregGeneratorBehind for ever (the learner refreshes on a timer, so
+    # it notices while it waits for rollouts that will not come).
+    ghost = 'lpreg_learner_generator_weight_version{generator="gen-0"}'
+    assert ghost in http_get(live.metrics["learner"]).decode()
+    live.procs.stop(["generator"])
+    del live.procs.procs["generator"]
+    live.deadline = time.monotonic() + GENERATOR_GONE_TIMEOUT_S
+    live.wait_for(
+        "the learner to drop the departed generator's series",
+        lambda: ghost not in http_get(live.metrics["learner"]).decode(),
+    )
