@@ -29,7 +29,9 @@ Modules, in the order of the paper's computation:
     lpreg_core.loss_config  the typed variants (torch-free) and what each needs from the statistics
     stats        log pi, entropy and the proxy from full logits (the reference path); TokenStats
     chunked      the same from hidden states, one (chunk, V) block of logits at a time
-    from_hidden  token_stats_from_hidden, the learner's entry point to the statistics
+    triton_stats the same as Triton kernels (GPU), imported only when they run
+    from_hidden  token_stats_from_hidden, the learner's entry point to the statistics, and the
+                 choice between the two implementations
     select       select_regularized: the candidates and the regularised set R
     terms        the per-token terms l_t
     aggregate    token-mean / seq-mean-token-mean
@@ -37,7 +39,12 @@ Modules, in the order of the paper's computation:
     numerics     named numerical guards
 """
 
-from lpreg_core.loss.from_hidden import token_stats_from_hidden
+from lpreg_core.loss.from_hidden import (
+    BackendChoice,
+    StatsBackend,
+    select_stats_backend,
+    token_stats_from_hidden,
+)
 from lpreg_core.loss.numerics import (
     DEFAULT_CHUNK_SIZE,
     FILTERED_LOGIT,
@@ -66,6 +73,7 @@ __all__ = [
     "LOG_RATIO_CLAMP",
     "PPO_KL_METRIC_CLAMP",
     "TOKEN_MEAN_EPS",
+    "BackendChoice",
     "ClipHigherConfig",
     "EntropyBonusConfig",
     "GRPOConfig",
@@ -73,6 +81,7 @@ __all__ = [
     "LossOutput",
     "LpRegConfig",
     "ProxyFilter",
+    "StatsBackend",
     "StepRanking",
     "ThresholdMode",
     "TokenStats",
@@ -81,5 +90,6 @@ __all__ = [
     "policy_loss",
     "proxy_log_probs_from_logits",
     "select_regularized",
+    "select_stats_backend",
     "token_stats_from_hidden",
 ]
