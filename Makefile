@@ -14,7 +14,7 @@ test:
 	@bash scripts/test.sh
 
 lint: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy lpreg_core
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy lpreg_core services
 
 protos: setup
 	.venv/bin/python scripts/gen_protos.py

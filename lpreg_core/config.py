@@ -29,8 +29,12 @@ class ModelConfig(_Section):
         description="Directory of the policy model in Hugging Face format (config.json, "
         "safetensors, tokenizer). Relative paths resolve against the working directory.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter dtype of the learner and generators."
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
+        "float32",
+        description="The learner's master weights and optimiser state (float32; float64 for "
+        "exactness checks). Half precision is refused: it silently stops small updates; "
+        "compute in bf16 with learner.compute_dtype instead. Generators serve in "
+        "generator.dtype.",
     )
 
 
@@ -143,6 +147,16 @@ class LearnerConfig(_Section):
     logit_chunk_size: int = Field(
         1024, ge=1, description="Tokens per chunk when computing log-probs over the vocabulary."
     )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="Where the learner trains: auto = the first CUDA device when there is one, "
+        "else the CPU.",
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype of forward and backward (autocast); master weights stay in "
+        "model.dtype. auto = bfloat16 on CUDA, model.dtype on CPU.",
+    )
     num_threads: int = Field(1, ge=1, description="torch intra-op threads of the learner process.")
     seed: int = Field(0, description="Seed of torch and Python RNGs in the learner.")
     publish_timeout_s: float = Field(
@@ -180,6 +194,9 @@ class HFBackendConfig(_Section):
     max_batch_sequences: int = Field(
         64, ge=1, description="Sequences decoded together (tasks are batched up to this)."
     )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="Where the model samples: auto = CUDA when there is one, else CPU."
+    )
 
 
 class VLLMBackendConfig(_Section):
@@ -192,6 +209,11 @@ class VLLMBackendConfig(_Section):
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation.")
     max_num_seqs: int = Field(256, ge=1, description="vLLM scheduler's concurrent sequences.")
     max_model_len: int | None = Field(None, ge=1, description="Context length (None = model's).")
+    engine_stats: bool = Field(
+        True,
+        description="Collect vLLM's engine statistics (KV-cache use, running and waiting "
+        "requests, preemptions); the generator re-exports them on its /metrics as vllm:*.",
+    )
     cpu_omp_threads_bind: str = Field(
         "nobind",
         description="CPU only: VLLM_CPU_OMP_THREADS_BIND of the engine's workers. 'nobind' lets "
@@ -220,6 +242,11 @@ class GeneratorConfig(_Section):
         10.0, gt=0.0, description="A generator silent for this long is considered dead."
     )
     seed: int = Field(0, description="Base sampling seed (each generator offsets it by its id).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype generators serve the policy in; auto = bfloat16 on CUDA, float32 on "
+        "CPU. Received weights are cast to it.",
+    )
 
 
 class RedisConfig(_Section):
@@ -306,6 +333,11 @@ class BroadcastConfig(_Section):
     join_timeout_s: float = Field(
         30.0, gt=0.0, description="Deadline for members to join an epoch."
     )
+    wire_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype of the weights sent to generators; auto = the learner's compute "
+        "dtype (bfloat16 on CUDA, float32 on CPU).",
+    )
 
 
 class MetricsConfig(_Section):
@@ -374,6 +406,18 @@ class RunConfig(_Section):
             )
         if (self.control.tls_cert_file is None) != (self.control.tls_key_file is None):
             raise ValueError("control.tls_cert_file and control.tls_key_file must be set together")
+        if self.model.dtype in ("bfloat16", "float16"):
+            raise ValueError(
+                f"model.dtype={self.model.dtype}: the learner's master weights and optimiser state "
+                "must be float32 (half-precision weights silently drop small updates); keep "
+                f"model.dtype=float32 and set learner.compute_dtype={self.model.dtype} for "
+                "half-precision compute (generator.dtype sets what generators serve)"
+            )
+        if self.broadcast.backend == "nccl" and self.learner.device == "cpu":
+            raise ValueError(
+                "broadcast.backend=nccl needs the learner's weights on a GPU, but "
+                "learner.device=cpu; set learner.device=cuda (or auto), or broadcast.backend=gloo"
+            )
         return self
 
     @property

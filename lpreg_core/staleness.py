@@ -1,8 +1,13 @@
-"""Off-policyness control: admission of new prompt tasks and the staleness of rollout groups.
+"""Off-policyness control, in one place: admission of prompt tasks, the staleness of rollout
+groups, and when a generator should stop sampling.
 
-DESIGN.md: at policy version v the learner has issued at most (v + max_staleness + 1) * B prompt
-groups in total (B = prompt groups per step), and drops groups whose oldest token was sampled more
-than max_staleness versions ago. max_staleness = 0 is synchronous on-policy training.
+DESIGN.md: at most (max_staleness + 1) * B prompt groups are outstanding at any time (issued,
+re-issues included, and not yet trained, dropped or dead-lettered; B = prompt groups per step).
+Admission counts work, not version numbers, so a learner resume that skips versions cannot inflate
+it. Groups whose oldest token was sampled more than max_staleness versions before the policy about
+to be updated are dropped (and their prompts re-issued). max_staleness = 0 is synchronous
+on-policy training: the learner publishes and waits for every generator to load before sampling
+resumes.
 """
 
 from __future__ import annotations
@@ -10,25 +15,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
-class Admission:
-    prompts_per_step: int
-    max_staleness: int
-
-    def issue_limit(self, version: int) -> int:
-        """Total prompt groups that may have been issued by the time the policy is at `version`."""
-        return (version + self.max_staleness + 1) * self.prompts_per_step
-
-    def num_to_issue(self, version: int, issued_fresh: int) -> int:
-        """How many new prompts to issue now (re-issues of dropped prompts are not counted:
-        they replace groups that will never be trained)."""
-        return max(0, self.issue_limit(version) - issued_fresh)
-
-
 def staleness(current_version: int, oldest_token_version: int) -> int:
     """Versions between the oldest token of a group and the policy about to be updated."""
     return max(0, current_version - oldest_token_version)
 
 
-def is_stale(current_version: int, oldest_token_version: int, max_staleness: int) -> bool:
-    return staleness(current_version, oldest_token_version) > max_staleness
+@dataclass(frozen=True)
+class StalenessPolicy:
+    """The rules both service loops follow, built from ``learner.prompts_per_step`` and
+    ``learner.max_staleness``."""
+
+    prompts_per_step: int
+    max_staleness: int
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+
+    @property
+    def max_outstanding(self) -> int:
+        """Prompt groups that may be outstanding at once."""
+        return (self.max_staleness + 1) * self.prompts_per_step
+
+    def num_to_issue(self, outstanding: int) -> int:
+        """How many new prompts to issue when ``outstanding`` groups are still in flight."""
+        return max(0, self.max_outstanding - outstanding)
+
+    def is_stale(self, current_version: int, oldest_token_version: int) -> bool:
+        """True when a group sampled from ``oldest_token_version`` on is too old to train at
+        ``current_version``."""
+        return staleness(current_version, oldest_token_version) > self.max_staleness
+
+    def generator_should_wait(self, learner_version: int, loaded_version: int) -> bool:
+        """True when everything a generator holding ``loaded_version`` samples now would arrive
+        stale: it waits for newer weights instead of spending compute."""
+        return learner_version - loaded_version > self.max_staleness
+
+    @property
+    def synchronous(self) -> bool:
+        """Each publish waits until every generator has loaded the new version."""
+        return self.max_staleness == 0

@@ -8,8 +8,8 @@ export PYTHONHASHSEED=0 OMP_NUM_THREADS=1
 echo "== ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
-echo "== mypy (lpreg_core)"
-"$VENV/bin/mypy" lpreg_core
+echo "== mypy (lpreg_core, services)"
+"$VENV/bin/mypy" lpreg_core services
 echo "== generated protobuf code"
 "$VENV/bin/python" scripts/gen_protos.py --check
 

@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lpreg eval: {e}", file=sys.stderr)
             return 1
     from services.common.auth import AuthConfigError
-    from services.common.grpc_server import ControlError
-    from services.common.redis_streams import TransportUnavailable
+    from services.common.errors import ControlError
+    from services.transport.redis_streams import TransportUnavailable
 
     try:
         if args.command == "local":

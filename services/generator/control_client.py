@@ -4,12 +4,12 @@ weight loads.
 The learner may restart at any time. Unary calls retry with bounded exponential backoff while it is
 unreachable; ``events()`` reconnects and re-registers after a broken stream and keeps yielding, so
 the consumer simply sees a new JoinGroup once the learner includes this generator again. Status
-codes come back as the domain errors of services.common.grpc_server (NOT_FOUND = UnknownGenerator:
+codes come back as the domain errors of services.common.errors (NOT_FOUND = UnknownGenerator:
 this session is unknown to the learner, the cure is to register again).
 
 Typical use in the generator service:
 
-    client = ControlClient(address, generator_id="gen-0", backend="hf", num_workers=1,
+    client = ControlClient(config.control, generator_id="gen-0", backend="hf", num_workers=1,
                            vocab_size=vocab, device="cpu", auth_token=token)
     client.register()
     client.start_heartbeats(lambda: (loaded_version, tokens_generated, in_flight))
@@ -30,15 +30,11 @@ from typing import TypeVar
 
 import grpc
 
+from lpreg_core.config import ControlConfig
 from lpreg_core.wire.lpreg.v1 import control_pb2, control_pb2_grpc
 from services.common.auth import bearer_metadata
-from services.common.grpc_server import (
-    KEEPALIVE_TIME_MS,
-    KEEPALIVE_TIMEOUT_MS,
-    ControlError,
-    Unavailable,
-    error_from_rpc,
-)
+from services.common.errors import ControlError, Unavailable
+from services.common.grpc_status import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, error_from_rpc
 from services.common.retry import retry_call
 
 logger = logging.getLogger(__name__)
@@ -67,15 +63,17 @@ class ClientClosed(RuntimeError):
 class ControlClient:
     """Control-plane client of one generator process (see the module docstring).
 
-    ``retry_attempts`` is the number of tries of one call in total; waits between tries grow
-    from ``backoff_base_s`` by doubling up to ``backoff_max_s``. TLS is used when ``tls_ca_file``
-    is given (the CA bundle that signed the learner's certificate); ``tls_server_name`` overrides
-    the name checked against the certificate when the address is not that name.
+    Settings come from ``ControlConfig``: ``retry_attempts`` is the number of tries of one call
+    in total; waits between tries grow from ``retry_backoff_s`` by doubling up to
+    ``retry_backoff_max_s``. TLS is used when ``tls_ca_file`` is set (the CA bundle that signed
+    the learner's certificate); ``tls_server_name`` overrides the name checked against the
+    certificate when the address is not that name. ``address`` overrides
+    ``config.learner_address`` (e.g. from LPREG_LEARNER_ADDRESS).
     """
 
     def __init__(
         self,
-        address: str,
+        config: ControlConfig,
         *,
         generator_id: str,
         backend: str,
@@ -83,18 +81,12 @@ class ControlClient:
         vocab_size: int,
         device: str,
         auth_token: str | None,
-        tls_ca_file: str | None = None,
+        address: str | None = None,
         tls_server_name: str | None = None,
-        max_message_bytes: int = 4 << 20,
-        retry_attempts: int = 8,
-        backoff_base_s: float = 0.25,
-        backoff_max_s: float = 5.0,
         rpc_timeout_s: float = 10.0,
         host: str = "",
     ) -> None:
-        if retry_attempts < 1:
-            raise ValueError(f"retry_attempts must be >= 1, got {retry_attempts}")
-        self.address = address
+        self.address = address if address is not None else config.learner_address
         self.generator_id = generator_id
         self._register_request = control_pb2.RegisterRequest(
             generator_id=generator_id,
@@ -105,10 +97,13 @@ class ControlClient:
             device=device,
         )
         self._metadata = bearer_metadata(auth_token)
-        self._retry_attempts = retry_attempts
-        self._backoff_base_s = backoff_base_s
-        self._backoff_max_s = backoff_max_s
+        self._retry_attempts = config.retry_attempts
+        backoff_base_s = self._backoff_base_s = config.retry_backoff_s
+        backoff_max_s = self._backoff_max_s = config.retry_backoff_max_s
         self._rpc_timeout_s = rpc_timeout_s
+        max_message_bytes = config.max_message_bytes
+        tls_ca_file = config.tls_ca_file
+        address = self.address
 
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", max_message_bytes),

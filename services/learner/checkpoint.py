@@ -138,3 +138,34 @@ def load_checkpoint(
     random.setstate((py_rng[0], tuple(py_rng[1]), py_rng[2]))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
     return state
+
+
+class FileCheckpointer:
+    """The loop's ``Checkpointer`` over this module's files: model, optimiser, scheduler and
+    RNGs of the objects given here, plus the loop's state, under ``root``."""
+
+    def __init__(
+        self,
+        root: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        keep_last: int,
+    ) -> None:
+        self.root = root
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.keep_last = keep_last
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        save_checkpoint(
+            self.root, step, self.model, self.optimizer, self.scheduler, state, self.keep_last
+        )
+
+    def restore(self) -> tuple[int, dict[str, Any]] | None:
+        path = latest_checkpoint(self.root)
+        if path is None:
+            return None
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        return int(state.pop("step")), state

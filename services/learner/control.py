@@ -1,7 +1,7 @@
 """The learner's LearnerControl servicer: proto in, GeneratorRegistry call, proto out.
 
 Domain errors raised by the registry (UnknownGenerator, InvalidArgument, Unavailable) become
-status codes in services.common.grpc_server.ControlInterceptor; nothing here touches the context
+status codes in services.common.grpc_status.ControlInterceptor; nothing here touches the context
 except to learn whether a Control stream is still wanted.
 """
 

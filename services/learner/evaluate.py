@@ -32,9 +32,10 @@ def greedy_accuracy(model: torch.nn.Module, config: RunConfig, problems: list[Pr
         for i, e in enumerate(enc):
             ids[i, width - len(e) :] = torch.tensor(e)
             attn[i, width - len(e) :] = 1
+        device = next(model.parameters()).device
         out = model.generate(  # type: ignore[operator]
-            input_ids=ids,
-            attention_mask=attn,
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
             do_sample=False,
             max_new_tokens=config.sampling.max_new_tokens,
             pad_token_id=pad,

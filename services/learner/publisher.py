@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 
 import torch
 
 from lpreg_core.config import BroadcastConfig
+from lpreg_core.weight_sync import BucketSender, PublishResult
 from lpreg_core.weights import build_manifest, manifest_to_proto
 from lpreg_core.wire.lpreg.v1 import control_pb2
-from services.common.broadcast import BroadcastFailed, MembersMissing, WeightSender
 from services.learner.metrics import LearnerMetrics
 from services.learner.registry import GeneratorRegistry
+from services.weight_sync import BroadcastFailed, MembersMissing
 
 log = logging.getLogger("lpreg.learner.publish")
 
@@ -31,28 +32,29 @@ log = logging.getLogger("lpreg.learner.publish")
 MAX_EPOCH_ATTEMPTS = 3
 
 
-@dataclass
-class PublishResult:
-    version: int
-    members: list[str]
-    loaded: dict[str, int]
-    ok: bool
+NamedTensors = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 
 
-class WeightPublisher:
+class BroadcastPublisher:
+    """``lpreg_core.weight_sync.WeightPublisher`` over a collective ``BucketSender``.
+
+    ``weights`` returns the learner's current (name, tensor) pairs each time it is called.
+    """
+
     def __init__(
         self,
         registry: GeneratorRegistry,
-        sender: WeightSender,
+        sender: BucketSender,
+        weights: NamedTensors,
         config: BroadcastConfig,
-        backend: str,
         advertise_host: str,
         metrics: LearnerMetrics,
     ) -> None:
         self.registry = registry
         self.sender = sender
+        self.weights = weights
         self.config = config
-        self.backend = backend
+        self.backend = sender.backend
         self.advertise_host = advertise_host
         self.metrics = metrics
         self.epoch = 0
@@ -127,9 +129,7 @@ class WeightPublisher:
         self._members = {}
         return False
 
-    def publish(
-        self, version: int, model: torch.nn.Module, timeout_s: float, wait_loaded: bool
-    ) -> PublishResult:
+    def publish(self, version: int, timeout_s: float, wait_loaded: bool) -> PublishResult:
         start = time.monotonic()
         sync = self.metrics.weight_sync_seconds
         if self.needs_epoch():
@@ -137,10 +137,11 @@ class WeightPublisher:
             opened = self._open_epoch(timeout_s)
             sync.labels(phase="join").observe(time.monotonic() - t)
             if not opened:
+                self.metrics.broadcast_failures.labels(reason="join").inc()
                 return PublishResult(version, [], {}, False)
         t = time.monotonic()
         with torch.no_grad():
-            named = [(n, p.detach()) for n, p in model.named_parameters()]
+            named = [(n, p.detach()) for n, p in self.weights()]
             manifest, flats = build_manifest(version, named, self.config.bucket_bytes)
         event = control_pb2.ControlEvent(
             publish=control_pb2.PublishWeights(
@@ -159,13 +160,17 @@ class WeightPublisher:
             )
             self.sender.close_epoch()
             self._epoch_ok = False
+            self.metrics.broadcast_failures.labels(reason="broadcast").inc()
             return PublishResult(version, members, {}, False)
         sync.labels(phase="broadcast").observe(time.monotonic() - t)
+        self.metrics.broadcast_bytes.inc(sum(f.numel() * f.element_size() for f in flats))
         loaded: dict[str, int] = {}
         if wait_loaded:
             t = time.monotonic()
             reports = self.registry.wait_loaded(version, members, timeout_s)
             loaded = {gid: r.version for gid, r in reports.items()}
+            if len(loaded) < len(members):
+                self.metrics.broadcast_failures.labels(reason="ack").inc()
             sync.labels(phase="acks").observe(time.monotonic() - t)
         sync.labels(phase="total").observe(time.monotonic() - start)
         self.last_published = version

@@ -25,7 +25,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 
 from lpreg_core.wire.lpreg.v1 import control_pb2
-from services.common.grpc_server import InvalidArgument, Unavailable, UnknownGenerator
+from services.common.errors import InvalidArgument, Unavailable, UnknownGenerator
 
 logger = logging.getLogger(__name__)
 

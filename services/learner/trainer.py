@@ -12,11 +12,14 @@ works chunk by chunk from the last hidden states and the LM-head weight.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedModel
 
 from lpreg_core.advantages import grpo_advantages
 from lpreg_core.config import LearnerConfig, OffPolicyConfig
@@ -46,6 +49,18 @@ class StepBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum())
+
+    def to(self, device: torch.device) -> StepBatch:
+        """The batch with its tensors on ``device`` (token lists stay on the host)."""
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens.to(device),
+            mask=self.mask.to(device),
+            advantages=self.advantages.to(device),
+            behaviour_log_probs=self.behaviour_log_probs.to(device),
+            versions=self.versions.to(device),
+            rewards=self.rewards.to(device),
+        )
 
 
 def build_batch(groups: list[rollout_pb2.RolloutGroup], advantage_mode: str) -> StepBatch:
@@ -101,8 +116,31 @@ def _behaviour_weights(
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, config: LearnerConfig) -> None:
+    """One optimiser step of a policy held as master weights on ``device``.
+
+    The model's parameters and the optimiser state stay in their own dtype (float32: bf16 master
+    weights would silently drop updates smaller than their precision); forward and backward run
+    under autocast in ``compute_dtype`` (bfloat16 on CUDA by default), and the LM head's weight is
+    cast to it for the fused token statistics, so gradients reach the fp32 master weights in fp32.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: LearnerConfig,
+        device: torch.device | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        master = next(model.parameters()).dtype
+        if master in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"the learner's master weights are {master}: load the model in float32 "
+                "(model.dtype) and compute in half precision with learner.compute_dtype"
+            )
+        model.to(self.device)  # type: ignore[arg-type]  # transformers' wrapper types it oddly
         self.model = model
+        self.compute_dtype = master if compute_dtype is None else compute_dtype
         self.config = config
         self.loss_config = config.loss
         opt = config.optimizer
@@ -117,8 +155,16 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        self._decoder = getattr(model, model.base_model_prefix)
-        self._lm_head = model.get_output_embeddings()
+        self._decoder: torch.nn.Module = getattr(model, str(model.base_model_prefix))
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
+        self._lm_head = head
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.compute_dtype == next(self.model.parameters()).dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
 
     def _micro_batches(self, num: int) -> Iterator[slice]:
         size = self.config.micro_batch_sequences
@@ -137,29 +183,36 @@ class Trainer:
         for i, s in enumerate(seqs):
             input_ids[i, : len(s)] = torch.tensor(s)
             attention[i, : len(s)] = 1
-        hidden = self._decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        mask = batch.mask[rows].bool()
+        with self._autocast():
+            hidden = self._decoder(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
+            ).last_hidden_state
+        mask = batch.mask[rows].bool().to(self.device)
         # The completion token at absolute position p is predicted by the hidden state at p - 1.
         row_idx, col_idx = mask.nonzero(as_tuple=True)
-        prompt_lens = torch.tensor(batch.prompt_lens[rows])
+        prompt_lens = torch.tensor(batch.prompt_lens[rows], device=self.device)
         positions = prompt_lens[row_idx] + col_idx - 1
         stats = token_stats_from_hidden(
-            hidden[row_idx, positions],
-            self._lm_head.weight,
-            batch.tokens[rows][mask],
+            hidden[row_idx, positions].to(self.compute_dtype),
+            self._lm_head.weight.to(self.compute_dtype),
+            batch.tokens[rows].to(self.device)[mask],
             temperature=self.loss_config.temperature,
             proxy=proxy,
             chunk_size=self.config.logit_chunk_size,
         )
 
         def scatter(flat: Tensor) -> Tensor:
-            out = torch.zeros(mask.shape, dtype=flat.dtype)
-            return out.index_put((row_idx, col_idx), flat)
+            # Statistics leave in float32 at least: the loss is computed from them in full
+            # precision whatever the matmuls ran in.
+            dtype = torch.promote_types(flat.dtype, torch.float32)
+            out = torch.zeros(mask.shape, dtype=dtype, device=self.device)
+            return out.index_put((row_idx, col_idx), flat.to(dtype))
 
         proxy_log_probs = None if stats.proxy_log_probs is None else scatter(stats.proxy_log_probs)
         return scatter(stats.log_probs), scatter(stats.entropy), proxy_log_probs
 
     def step(self, batch: StepBatch) -> dict[str, float]:
+        batch = batch.to(self.device)
         # No dropout in the policy: both passes must see the same function of the weights.
         self.model.eval()
         num = len(batch.sequences)

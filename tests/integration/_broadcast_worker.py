@@ -5,9 +5,15 @@ is one JSON command; each produces one JSON line on stdout:
 
 - ``{"op": "join", "epoch", "rank", "world_size", "port", "timeout_s"}``
 - ``{"op": "receive", "manifest": <hex of control_pb2.WeightManifest>, "timeout_s",
-  "die_after_buckets": k (optional)}``: answers ``{"ok", "checksum", "tensors": {name: [sha256
-  of the tensor's bytes, shape, dtype]}}``; with ``die_after_buckets`` it receives k buckets through
-  the group and then SIGKILLs itself mid-publish.
+  "die_after_buckets": k, "close_after_buckets": k, "measure_rss": bool (all optional)}``:
+  receives bucket by bucket, hashing each tensor as it arrives and keeping none, and answers
+  ``{"ok", "checksum", "tensors": {name: [sha256 of the tensor's bytes, shape, dtype]},
+  "buckets_received", "peak_buffer_bytes", "live_buffer_bytes", "rss_peak_growth_bytes"}``
+  (with ``error`` and ``message`` when the stream failed). With ``die_after_buckets`` it
+  SIGKILLs itself once k buckets arrived, mid-publish; with ``close_after_buckets`` it stops
+  consuming there and closes the stream, which drains the rest of the publish. ``measure_rss``
+  restarts the kernel's peak-RSS counter first, so ``rss_peak_growth_bytes`` is the growth of
+  resident memory during this receive.
 - ``{"op": "leave"}``, ``{"op": "resources"}`` (open descriptors and threads), ``{"op": "exit"}``.
 
 Errors come back as ``{"ok": false, "error": <class name>, "message": ...}``.
@@ -30,13 +36,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lpreg_core.weights import manifest_from_proto  # noqa: E402
 from lpreg_core.wire.lpreg.v1 import control_pb2  # noqa: E402
-from services.common.broadcast import BroadcastError, WeightReceiver, _Deadline  # noqa: E402
+from services.weight_sync.group import BroadcastError  # noqa: E402
+from services.weight_sync.receiver import WeightReceiver  # noqa: E402
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(
         tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
     ).hexdigest()
+
+
+def rss_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM at most)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    """Restart VmHWM from the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def handle(receiver: WeightReceiver, command: dict[str, Any]) -> dict[str, Any]:
@@ -56,25 +76,37 @@ def handle(receiver: WeightReceiver, command: dict[str, Any]) -> dict[str, Any]:
         proto = control_pb2.WeightManifest.FromString(bytes.fromhex(command["manifest"]))
         manifest = manifest_from_proto(proto)
         die_after = command.get("die_after_buckets")
-        if die_after is not None:
-            # A crash in the middle of a publish, at a point the test controls.
-            group = receiver._group
-            assert group is not None
-            deadline = _Deadline(command["timeout_s"])
-            for bucket in manifest.buckets[:die_after]:
-                flat = torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype))
-                group.broadcast(flat, deadline, f"bucket {bucket.index}")
-            os.kill(os.getpid(), signal.SIGKILL)
-        named = receiver.receive(manifest, "cpu", command["timeout_s"])
-        return {
-            "ok": True,
+        close_after = command.get("close_after_buckets")
+        if command.get("measure_rss"):
+            reset_peak_rss()
+        rss_before = rss_bytes("VmRSS")
+        tensors: dict[str, list[Any]] = {}
+        with receiver.receive_buckets(manifest, "cpu", command["timeout_s"]) as stream:
+            # Loads each tensor as it arrives (here: hashes it) and keeps nothing.
+            for name, tensor in stream:
+                tensors[name] = [
+                    tensor_digest(tensor),
+                    list(tensor.shape),
+                    str(tensor.dtype).removeprefix("torch."),
+                ]
+                if die_after is not None and stream.num_buckets_received >= die_after:
+                    # A crash in the middle of a publish, at a point the test controls.
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if close_after is not None and stream.num_buckets_received >= close_after:
+                    break
+        reply: dict[str, Any] = {
+            "ok": stream.error is None,
             "version": manifest.version,
             "checksum": manifest.checksum,
-            "tensors": {
-                name: [tensor_digest(t), list(t.shape), str(t.dtype).removeprefix("torch.")]
-                for name, t in named
-            },
+            "tensors": tensors,
+            "buckets_received": stream.num_buckets_received,
+            "peak_buffer_bytes": receiver.peak_buffer_bytes,
+            "live_buffer_bytes": receiver.live_buffer_bytes,
+            "rss_peak_growth_bytes": rss_bytes("VmHWM") - rss_before,
         }
+        if stream.error is not None:
+            reply.update(error=type(stream.error).__name__, message=str(stream.error))
+        return reply
     if op == "leave":
         receiver.leave()
         return {"ok": True}

@@ -23,7 +23,7 @@ import torch
 
 from lpreg_core.config import BroadcastConfig
 from lpreg_core.weights import WeightManifest, build_manifest, manifest_to_proto
-from services.common.broadcast import (
+from services.weight_sync import (
     BroadcastFailed,
     ChecksumMismatch,
     MembersMissing,

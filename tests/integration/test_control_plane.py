@@ -26,18 +26,17 @@ from services.common.auth import (
     bearer_token_error,
     load_auth_token,
 )
-from services.common.grpc_server import (
+from services.common.errors import (
     ControlError,
-    ControlServer,
     InvalidArgument,
     Unauthenticated,
     Unavailable,
     UnknownGenerator,
-    build_server,
 )
 from services.generator.control_client import ControlClient
 from services.learner.control import LearnerControlServicer, generator_status
 from services.learner.registry import GeneratorRegistry
+from services.learner.server import ControlServer, build_server
 
 TOKEN = "s3cret-token-for-tests"
 VOCAB = 32
@@ -101,19 +100,29 @@ def make_client() -> Iterator[Callable[..., ControlClient]]:
     clients: list[ControlClient] = []
 
     def make(address: str, generator_id: str = "gen-0", **kwargs: object) -> ControlClient:
+        settings: dict[str, object] = {
+            "retry_attempts": 5,
+            "retry_backoff_s": 0.05,
+            "retry_backoff_max_s": 0.5,
+        }
+        for name in ("retry_attempts", "tls_ca_file", "max_message_bytes"):
+            if name in kwargs:
+                settings[name] = kwargs.pop(name)
         options: dict[str, object] = {
             "backend": "hf",
             "num_workers": 1,
             "vocab_size": VOCAB,
             "device": "cpu",
             "auth_token": TOKEN,
-            "retry_attempts": 5,
-            "backoff_base_s": 0.05,
-            "backoff_max_s": 0.5,
             "rpc_timeout_s": RPC_TIMEOUT_S,
         }
         options.update(kwargs)
-        client = ControlClient(address, generator_id=generator_id, **options)  # type: ignore[arg-type]
+        client = ControlClient(
+            ControlConfig(**settings),  # type: ignore[arg-type]
+            address=address,
+            generator_id=generator_id,
+            **options,  # type: ignore[arg-type]
+        )
         clients.append(client)
         return client
 

@@ -17,13 +17,13 @@ import pytest
 from lpreg_core.config import RedisConfig
 from lpreg_core.rollout import encode_group
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
-from services.common.redis_streams import (
+from services.common.retry import backoff_delays, retry_call
+from services.transport.redis_streams import (
     RedisStreams,
     TransportAuthError,
     TransportUnavailable,
     redact_url,
 )
-from services.common.retry import backoff_delays, retry_call
 
 RUN = "it"
 VOCAB = 50
@@ -110,7 +110,7 @@ def read_all_groups(streams: RedisStreams, expected: int) -> list[Any]:
 CHILD = r"""
 import json, sys, time
 from lpreg_core.config import RedisConfig
-from services.common.redis_streams import RedisStreams
+from services.transport.redis_streams import RedisStreams
 
 role, url, consumer, count, num_ack = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 streams = RedisStreams(RedisConfig(url=url, block_ms=50), "it", consumer)

@@ -30,8 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from lpreg_core.config import BroadcastConfig, ModelConfig, VLLMBackendConfig
 from lpreg_core.weights import build_manifest
 from lpreg_core.wire.lpreg.v1.control_pb2 import JoinGroup
-from services.common.broadcast import WeightSender
 from services.generator.backends.base import SampledCompletion, SampleRequest
+from services.weight_sync import WeightSender
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 

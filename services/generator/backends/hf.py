@@ -14,22 +14,26 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lpreg_core.config import HFBackendConfig, ModelConfig
-from lpreg_core.weights import WeightManifest, dtype_from_name
+from lpreg_core.devices import resolve_device, serving_dtype
+from lpreg_core.weights import WeightManifest
 from lpreg_core.wire.lpreg.v1.control_pb2 import JoinGroup
-from services.common.broadcast import WeightReceiver
 from services.generator.backends.base import SampledCompletion, SampleRequest
+from services.weight_sync import WeightReceiver
 
 
 class HFBackend:
-    def __init__(self, config: HFBackendConfig, model: ModelConfig, *, seed: int) -> None:
+    def __init__(
+        self, config: HFBackendConfig, model: ModelConfig, *, seed: int, dtype: str = "auto"
+    ) -> None:
         self._config = config
         self._tokenizer = AutoTokenizer.from_pretrained(model.path)
+        self._device = resolve_device(config.device, field="generator.backend.device")
         self._model = AutoModelForCausalLM.from_pretrained(
-            model.path, dtype=dtype_from_name(model.dtype)
+            model.path, dtype=serving_dtype(dtype, self._device)
         )
+        self._model.to(self._device)  # type: ignore[arg-type]  # transformers' wrapper
         self._model.eval()
-        self._device = torch.device("cpu")
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator(self._device).manual_seed(seed)
         # Held for one decode step at a time, and by a weight swap: a swap waits for the current
         # step, never for a whole sequence.
         self._lock = threading.Lock()
@@ -100,8 +104,9 @@ class HFBackend:
         for row, p in enumerate(prompts):  # left padding keeps the next position aligned
             input_ids[row, width - len(p) :] = torch.tensor(p)
             attention[row, width - len(p) :] = 1
+        input_ids, attention = input_ids.to(self._device), attention.to(self._device)
         completions = [SampledCompletion() for _ in range(batch)]
-        done = torch.zeros(batch, dtype=torch.bool)
+        done = torch.zeros(batch, dtype=torch.bool, device=self._device)
         limit = torch.tensor(limits)
         past = None
         step_ids = input_ids
@@ -140,8 +145,8 @@ class HFBackend:
         return completions
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        params = dict(self._model.named_parameters())
-        params.update(dict(self._model.named_buffers()))
+        params: dict[str, torch.Tensor] = dict(self._model.named_parameters())
+        params.update(self._model.named_buffers())
         staged = []
         for name, tensor in named_tensors:
             if name not in params:

@@ -34,11 +34,12 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from lpreg_core.config import ModelConfig, VLLMBackendConfig
+from lpreg_core.devices import serving_dtype
 from lpreg_core.weights import WeightManifest, manifest_to_proto
 from lpreg_core.wire.lpreg.v1.control_pb2 import JoinGroup
-from services.common.broadcast import BroadcastFailed
 from services.generator.backends.base import SampledCompletion, SampleRequest
 from services.generator.backends.vllm_worker import checkpoint_tensor_shapes
+from services.weight_sync import BroadcastFailed
 
 if importlib.util.find_spec("vllm") is None:
     # Checked without importing vllm (slow, and it must see the environment set below first);
@@ -83,7 +84,9 @@ def prepare_environment(config: VLLMBackendConfig) -> None:
 
 
 class VLLMBackend:
-    def __init__(self, config: VLLMBackendConfig, model: ModelConfig, *, seed: int) -> None:
+    def __init__(
+        self, config: VLLMBackendConfig, model: ModelConfig, *, seed: int, dtype: str = "auto"
+    ) -> None:
         prepare_environment(config)
         # Imported here: importing vllm is slow and needs the environment above.
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -107,12 +110,16 @@ class VLLMBackend:
         on_cpu = current_platform.is_cpu()
         args = AsyncEngineArgs(
             model=model.path,
-            dtype=model.dtype,
+            # auto: what generator.dtype's auto means (bf16 on GPUs, float32 on CPUs), not
+            # vLLM's own auto (the checkpoint's dtype).
+            dtype=str(serving_dtype(dtype, torch.device("cpu" if on_cpu else "cuda"))).removeprefix(  # type: ignore[arg-type]
+                "torch."
+            ),
             seed=seed,
             tensor_parallel_size=config.tensor_parallel_size,
             enforce_eager=config.enforce_eager,
             max_num_seqs=config.max_num_seqs,
-            max_model_len=config.max_model_len,
+            max_model_len=config.max_model_len,  # type: ignore[arg-type]  # None: the model's own
             gpu_memory_utilization=config.gpu_memory_utilization,
             kv_cache_memory_bytes=config.cpu_kvcache_space_gib * GIB_BYTES if on_cpu else None,
             worker_extension_cls=WORKER_EXTENSION,
@@ -123,7 +130,7 @@ class VLLMBackend:
             # The model's generation_config.json may carry top_k / top_p / extra stop tokens;
             # the behaviour policy must be the plain distribution at the task's temperature.
             generation_config="vllm",
-            disable_log_stats=True,
+            disable_log_stats=not config.engine_stats,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(

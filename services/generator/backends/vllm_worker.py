@@ -23,7 +23,7 @@ import torch
 
 from lpreg_core.weights import manifest_from_proto
 from lpreg_core.wire.lpreg.v1 import control_pb2
-from services.common.broadcast import WeightReceiver
+from services.weight_sync import WeightReceiver
 
 log = logging.getLogger("lpreg.generator.vllm_worker")
 

@@ -1,0 +1,555 @@
+"""The learner's loop: issue prompt tasks under admission, collect fresh rollout groups, train,
+publish, checkpoint, and only then acknowledge.
+
+The loop decides; it does not wire. It takes its transport (``lpreg_core.transport``), weight
+publisher (``lpreg_core.weight_sync``), trainer, checkpointer and clock as arguments and imports no
+Redis, gRPC or socket module, so a unit test drives it in milliseconds with the in-memory transport,
+fakes and a fake clock (tests/unit/test_learner_loop.py). ``services.learner.main`` builds the real
+parts and runs it.
+
+Delivery semantics (DESIGN.md): rollout groups are acknowledged only once a checkpoint that
+includes their update is durable, so a learner restarted with resume replays exactly the groups
+its checkpoint does not cover; groups are deduplicated by task id. Stale groups are re-issued
+before they are acknowledged, so a crash in between re-drops a group instead of losing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lpreg_core.config import RunConfig
+from lpreg_core.data import PromptSource
+from lpreg_core.rollout import SCHEMA_VERSION, group_policy_versions
+from lpreg_core.staleness import StalenessPolicy, staleness
+from lpreg_core.transport import LearnerTransport
+from lpreg_core.weight_sync import WeightPublisher
+from lpreg_core.wire.lpreg.v1 import rollout_pb2
+from services.learner.metrics import LearnerMetrics
+from services.learner.registry import GeneratorRegistry
+
+log = logging.getLogger("lpreg.learner")
+
+
+class Clock(Protocol):
+    """Time as the loop sees it; tests pass a fake that advances on ``wait``."""
+
+    def monotonic(self) -> float: ...
+
+    def time(self) -> float: ...
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        """Wait until ``event`` is set or ``timeout_s`` passed; returns whether it is set."""
+        ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        return event.wait(timeout_s)
+
+
+class PolicyTrainer(Protocol):
+    """One optimiser step over a step's groups; returns its statistics (loss, entropy, ...)."""
+
+    def train_step(self, groups: list[rollout_pb2.RolloutGroup]) -> dict[str, float]: ...
+
+
+class Checkpointer(Protocol):
+    """Durable trainer state: ``save`` returns only once the checkpoint survives a crash."""
+
+    def save(self, step: int, state: dict[str, Any]) -> None: ...
+
+    def restore(self) -> tuple[int, dict[str, Any]] | None:
+        """The newest checkpoint's step and loop state (the model and optimiser are restored in
+        place), or None when there is none."""
+        ...
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint holds of the loop (besides model, optimiser and RNGs)."""
+
+    step: int = 0
+    version: int = 0
+    next_data_index: int = 0
+    issued_fresh: int = 0
+    counters: dict[str, int] = field(
+        default_factory=lambda: {
+            "prompts_issued": 0,
+            "groups_trained": 0,
+            "groups_dropped_stale": 0,
+        }
+    )
+    trained_tasks: set[str] = field(default_factory=set)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # Run-level figures for the summary (e.g. the accuracy before training).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "next_data_index": self.next_data_index,
+            "issued_fresh": self.issued_fresh,
+            "counters": self.counters,
+            "trained_tasks": sorted(self.trained_tasks),
+            "history": self.history,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, step: int, raw: dict[str, Any]) -> LoopState:
+        return cls(
+            step=step,
+            version=raw["version"],
+            next_data_index=raw["next_data_index"],
+            issued_fresh=raw["issued_fresh"],
+            counters=dict(raw["counters"]),
+            trained_tasks=set(raw["trained_tasks"]),
+            history=list(raw["history"]),
+            extra=dict(raw.get("extra", {})),
+        )
+
+
+class RunStateExists(RuntimeError):
+    """The transport already holds state of this run and the learner was not asked to resume."""
+
+
+class LearnerLoop:
+    """Issue, collect, train, publish, checkpoint, ack; see the module docstring."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        transport: LearnerTransport,
+        publisher: WeightPublisher,
+        registry: GeneratorRegistry,
+        trainer: PolicyTrainer,
+        checkpointer: Checkpointer,
+        source: PromptSource,
+        metrics: LearnerMetrics,
+        vocab_size: int,
+        clock: Clock | None = None,
+        evaluate: Callable[[], float] | None = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.publisher = publisher
+        self.registry = registry
+        self.trainer = trainer
+        self.checkpointer = checkpointer
+        self.source = source
+        self.metrics = metrics
+        self.vocab_size = vocab_size
+        self.clock = clock or SystemClock()
+        self.evaluate = evaluate
+        self.on_record = on_record
+        self.policy = StalenessPolicy(config.learner.prompts_per_step, config.learner.max_staleness)
+        self.state = LoopState()
+        self.stop = threading.Event()
+        # Entry ids of groups trained (or seen twice) since the last checkpoint.
+        self.pending_acks: list[str] = []
+        # Prompt groups issued and not yet trained, dropped or dead-lettered (admission's count).
+        self.outstanding = 0
+        self.resumed = False
+        self._observed_generators: set[str] = set()
+        self._observed_lock = threading.Lock()
+
+    # -- start-up -----------------------------------------------------------------------------
+    def restore(self) -> bool:
+        """Load the newest checkpoint, if any; returns whether one was found."""
+        restored = self.checkpointer.restore()
+        self.resumed = True
+        if restored is None:
+            return False
+        step, raw = restored
+        self.state = LoopState.from_json(step, raw)
+        log.info("resumed at step %d, version %d", self.state.step, self.state.version)
+        return True
+
+    def start(self) -> None:
+        """Connect, take the issuer's position from the transport, fix the version to publish."""
+        self.transport.connect()
+        self._adopt_ledger()
+        published = self.transport.get_version()
+        s = self.state
+        if self.resumed and published is not None and published >= s.version:
+            # Versions past the checkpoint were published by the lost process: the restored
+            # weights get a fresh number, so the version sequence never repeats or goes back.
+            log.info(
+                "restored weights become v%d (v%d was published before)", published + 1, published
+            )
+            s.version = published + 1
+        self.transport.set_version(s.version)
+        self._resync_outstanding()
+        self.metrics.policy_version.set(s.version)
+        self.metrics.max_staleness.set(self.policy.max_staleness)
+
+    def _adopt_ledger(self) -> None:
+        """Take the issuer's position and counters from the transport, where they moved in step
+        with the tasks actually issued (the checkpoint may be older)."""
+        ledger = self.transport.ledger()
+        if not ledger:
+            return
+        if not self.resumed:
+            raise RunStateExists(
+                f"run {self.config.run_id!r} already has state in Redis; continue it with "
+                "`lpreg learner --resume`, or pick a new run_id"
+            )
+        s = self.state
+        s.next_data_index = ledger.get("next_data_index", 0)
+        s.issued_fresh = ledger.get("issued_fresh", 0)
+        s.counters["prompts_issued"] = ledger.get("prompts_issued", 0)
+        s.counters["groups_dropped_stale"] = ledger.get("groups_dropped_stale", 0)
+        log.info("issuer state from the transport: %s", ledger)
+
+    def _resync_outstanding(self) -> None:
+        """Count outstanding work from the streams themselves (after a restart, and at each
+        checkpoint so an entry that could not even be decoded does not hold a slot for ever)."""
+        backlog = self.transport.backlog()
+        # Groups trained but not yet acked are still in the rollouts backlog, yet done with.
+        self.outstanding = max(0, sum(backlog.values()) - len(self.pending_acks))
+
+    def wait_for_generators(self) -> None:
+        want = self.config.learner.min_generators
+        timeout_s = self.config.learner.min_generators_timeout_s
+        deadline = self.clock.monotonic() + timeout_s
+        while len(self.registry.alive()) < want and not self.stop.is_set():
+            if self.clock.monotonic() > deadline:
+                log.warning(
+                    "%d of %d generators registered after %.0fs; starting anyway",
+                    len(self.registry.alive()),
+                    want,
+                    timeout_s,
+                )
+                return
+            self.clock.wait(self.stop, 0.2)
+        log.info("%d generator(s) registered", len(self.registry.alive()))
+
+    # -- prompts ------------------------------------------------------------------------------
+    def _task(self, data_index: int) -> rollout_pb2.PromptTask:
+        item = self.source.at(data_index)
+        s = self.config.sampling
+        return rollout_pb2.PromptTask(
+            schema_version=SCHEMA_VERSION,
+            run_id=self.config.run_id,
+            task_id=uuid.uuid4().hex,
+            prompt_id=item.problem.prompt_id,
+            prompt=item.problem.prompt,
+            answer=item.problem.answer,
+            data_index=data_index,
+            epoch=item.epoch,
+            num_samples=s.num_samples,
+            issue_version=self.state.version,
+            issued_at=self.clock.time(),
+            temperature=s.temperature,
+            max_new_tokens=s.max_new_tokens,
+        )
+
+    def issue(self, reissue: list[int] | None = None) -> int:
+        """Re-issue dropped prompts and issue new ones up to the admission limit; returns how
+        many tasks went out. The ledger moves in the same transaction, so a restarted learner
+        neither loses nor repeats a data position."""
+        reissue = reissue or []
+        s = self.state
+        n = self.policy.num_to_issue(self.outstanding + len(reissue))
+        indices = range(s.next_data_index, s.next_data_index + n)
+        tasks = [self._task(i) for i in [*reissue, *indices]]
+        if not tasks:
+            return 0
+        ledger = {
+            "prompts_issued": len(tasks),
+            "next_data_index": n,
+            "issued_fresh": n,
+            "groups_dropped_stale": len(reissue),
+        }
+        self.transport.issue_tasks(tasks, ledger=ledger)
+        s.next_data_index += n
+        s.issued_fresh += n
+        self.outstanding += len(tasks)
+        s.counters["prompts_issued"] += len(tasks)
+        s.counters["groups_dropped_stale"] += len(reissue)
+        self.metrics.prompts_issued.inc(len(tasks))
+        self.metrics.groups_dropped_stale.inc(len(reissue))
+        return len(tasks)
+
+    # -- rollouts -----------------------------------------------------------------------------
+    def collect(self) -> list[rollout_pb2.RolloutGroup]:
+        """Block until prompts_per_step fresh groups are in (or stop); drop and re-issue stale
+        ones; count duplicates (a replay of a group already trained) and ack them with the rest."""
+        need = self.config.learner.prompts_per_step
+        groups: list[rollout_pb2.RolloutGroup] = []
+        seen: set[str] = set()
+        while len(groups) < need and not self.stop.is_set():
+            self.refresh_membership()
+            with self.metrics.waiting_for_rollouts():
+                deliveries = self.transport.read_groups(
+                    need - len(groups), self.config.redis.block_ms, vocab_size=self.vocab_size
+                )
+            reissue: list[int] = []
+            dropped: list[str] = []
+            for d in deliveries:
+                g = d.value
+                if g.task_id in self.state.trained_tasks or g.task_id in seen:
+                    self.metrics.groups_duplicate.inc()
+                    self.pending_acks.append(d.entry_id)
+                    continue
+                self.outstanding = max(0, self.outstanding - 1)
+                oldest, _ = group_policy_versions(g)
+                if self.policy.is_stale(self.state.version, oldest):
+                    reissue.append(g.data_index)
+                    dropped.append(d.entry_id)
+                    continue
+                self.metrics.rollout_staleness.observe(staleness(self.state.version, oldest))
+                seen.add(g.task_id)
+                groups.append(g)
+                self.pending_acks.append(d.entry_id)
+            # Re-issue before acking the dropped groups: a crash in between re-drops, never loses.
+            self.issue(reissue)
+            if dropped:
+                self.transport.ack_groups(dropped)
+        return groups
+
+    def refresh_membership(self) -> None:
+        """Bring generators that joined (or came back) up to the current version while waiting."""
+        if self.publisher.needs_epoch() and self.registry.alive():
+            self.publisher.publish(
+                self.state.version, self.config.learner.publish_timeout_s, wait_loaded=False
+            )
+
+    # -- one step -----------------------------------------------------------------------------
+    def train(self, groups: list[rollout_pb2.RolloutGroup], waited_s: float) -> dict[str, Any]:
+        """Train on ``groups``, publish the new version; returns the step's record."""
+        s = self.state
+        t0 = self.clock.monotonic()
+        stats = self.trainer.train_step(groups)
+        train_s = self.clock.monotonic() - t0
+        s.step += 1
+        s.version += 1
+        self.metrics.policy_version.set(s.version)
+        self.transport.set_version(s.version)
+        for g in groups:
+            s.trained_tasks.add(g.task_id)
+        s.counters["groups_trained"] += len(groups)
+        self.metrics.zero_advantage_groups.inc(
+            sum(1 for g in groups if len({c.reward for c in g.completions}) <= 1)
+        )
+        t1 = self.clock.monotonic()
+        result = self.publisher.publish(
+            s.version, self.config.learner.publish_timeout_s, wait_loaded=self.policy.synchronous
+        )
+        publish_s = self.clock.monotonic() - t1
+        oldest = [group_policy_versions(g)[0] for g in groups]
+        step_s = waited_s + train_s + publish_s
+        record: dict[str, Any] = {
+            "step": s.step,
+            "version": s.version,
+            **{k: float(f"{v:.6g}") for k, v in stats.items()},
+            "staleness_mean": sum(s.version - 1 - v for v in oldest) / max(1, len(oldest)),
+            "groups_dropped_stale": s.counters["groups_dropped_stale"],
+            "wait_s": round(waited_s, 4),
+            "train_s": round(train_s, 4),
+            "publish_s": round(publish_s, 4),
+            "publish_ok": result.ok,
+            "members": len(result.members),
+            "tokens_per_s": round(stats.get("num_tokens", 0.0) / max(1e-9, step_s), 2),
+            "time": self.clock.time(),
+        }
+        self._observe_step(stats, len(groups), waited_s, train_s, publish_s)
+        return record
+
+    def _observe_step(
+        self,
+        stats: dict[str, float],
+        num_groups: int,
+        waited_s: float,
+        train_s: float,
+        publish_s: float,
+    ) -> None:
+        m = self.metrics
+        m.steps.inc()
+        m.step_seconds.observe(waited_s + train_s + publish_s)
+        m.step_phase_seconds.labels(phase="wait_rollouts").observe(waited_s)
+        m.step_phase_seconds.labels(phase="forward_backward").observe(train_s)
+        m.step_phase_seconds.labels(phase="publish").observe(publish_s)
+        m.regularized_tokens.inc(stats.get("num_regularized", 0.0))
+        m.candidate_tokens.inc(stats.get("num_candidates", 0.0))
+        m.lpreg_kl.set(stats.get("loss_kl", 0.0))
+        m.entropy.set(stats.get("entropy", 0.0))
+        m.reward_mean.set(stats.get("reward_mean", 0.0))
+        m.loss.set(stats.get("loss", 0.0))
+        m.pg_clipfrac.set(stats.get("pg_clipfrac", 0.0))
+        m.ppo_kl.set(stats.get("ppo_kl", 0.0))
+        m.grad_norm.set(stats.get("grad_norm", 0.0))
+        m.learning_rate.set(stats.get("lr", 0.0))
+        m.groups_trained.inc(num_groups)
+        m.tokens_trained.inc(stats.get("num_tokens", 0.0))
+
+    def observe_pipeline(self) -> None:
+        """Stream depths, the autoscaling backlog and generator versions, for the dashboards.
+        Called every step and on a timer (``services.learner.main``), so it is thread-safe."""
+        m = self.metrics
+        try:
+            for stream, n in self.transport.stream_lengths().items():
+                m.stream_length.labels(stream=stream).set(n)
+            for stream, n in self.transport.pending_counts().items():
+                m.stream_pending.labels(stream=stream).set(n)
+            m.set_backlog(self.transport.undelivered())
+        except Exception as e:  # metrics must not stop training
+            log.debug("stream metrics unavailable: %s", e)
+        alive = {g.generator_id for g in self.registry.alive()}
+        m.generators.labels(state="alive").set(len(alive))
+        m.generators.labels(state="member").set(len(self.publisher.members))
+        with self._observed_lock:
+            for gid, v in self.registry.loaded_versions().items():
+                if gid in alive:
+                    m.generator_weight_version.labels(generator=gid).set(v)
+            # A departed generator's series would keep its last value (and alerts) for ever.
+            for gid in self._observed_generators - alive:
+                m.forget_generator(gid)
+            self._observed_generators = alive
+
+    def checkpoint(self) -> None:
+        """Make the trainer state durable, then ack every group it covers."""
+        t = self.clock.monotonic()
+        self.checkpointer.save(self.state.step, self.state.to_json())
+        self.metrics.checkpoint_written(self.clock.time())
+        # Only now are the groups trained so far safe to forget.
+        if self.pending_acks:
+            self.transport.ack_groups(self.pending_acks)
+            self.pending_acks = []
+        self._resync_outstanding()
+        elapsed = self.clock.monotonic() - t
+        self.metrics.checkpoint_seconds.observe(elapsed)
+        self.metrics.step_phase_seconds.labels(phase="checkpoint").observe(elapsed)
+
+    def _evaluate(self) -> float:
+        assert self.evaluate is not None
+        accuracy = self.evaluate()
+        self.metrics.eval_accuracy.set(accuracy)
+        return accuracy
+
+    def _record(self, record: dict[str, Any]) -> None:
+        every = self.config.learner.eval_every_steps
+        done = self.state.step == self.config.learner.steps
+        if self.evaluate is not None and every and (self.state.step % every == 0 or done):
+            record["eval_accuracy"] = self._evaluate()
+        self.state.history.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def step_once(self) -> dict[str, Any] | None:
+        """Collect, train, publish, maybe checkpoint, issue more; None when stopped first."""
+        t = self.clock.monotonic()
+        groups = self.collect()
+        if self.stop.is_set():
+            return None
+        record = self.train(groups, self.clock.monotonic() - t)
+        self._record(record)
+        self.observe_pipeline()
+        every = self.config.learner.checkpoint.every_steps
+        if self.state.step % every == 0 or self.state.step >= self.config.learner.steps:
+            self.checkpoint()
+        self.issue()
+        return record
+
+    # -- the run ------------------------------------------------------------------------------
+    def evaluate_before_training(self) -> None:
+        s = self.state
+        if (
+            self.evaluate is not None
+            and self.config.learner.eval_every_steps
+            and s.step == 0
+            and "eval_accuracy_start" not in s.extra
+        ):
+            s.extra["eval_accuracy_start"] = self._evaluate()
+            log.info("greedy eval accuracy before training: %.3f", s.extra["eval_accuracy_start"])
+
+    def run(self) -> dict[str, Any]:
+        """From start-up to the final publish; returns the run's summary."""
+        start = self.clock.monotonic()
+        self.evaluate_before_training()
+        self.wait_for_generators()
+        self.issue()
+        while self.state.step < self.config.learner.steps and not self.stop.is_set():
+            record = self.step_once()
+            if record is None:
+                break
+            log.info(
+                "step %d v%d reward %.3f entropy %.3f reg %d",
+                record["step"],
+                record["version"],
+                record.get("reward_mean", 0.0),
+                record.get("entropy", 0.0),
+                int(record.get("num_regularized", 0)),
+            )
+        self.finish()
+        return self.summary(self.clock.monotonic() - start)
+
+    def finish(self) -> None:
+        """Checkpoint what is not yet covered, bring every generator to the final version."""
+        if self.pending_acks:
+            self.checkpoint()
+        s = self.state
+        if self.publisher.last_published != s.version or self.publisher.needs_epoch():
+            self.publisher.publish(s.version, self.config.learner.publish_timeout_s, False)
+        members = [g.generator_id for g in self.registry.alive()]
+        self.registry.wait_loaded(s.version, members, self.config.learner.final_publish_wait_s)
+
+    def summary(self, wall_s: float) -> dict[str, Any]:
+        s = self.state
+        history = s.history
+        first = history[0] if history else {}
+        last = history[-1] if history else {}
+        fifth = max(1, len(history) // 5)
+
+        def mean(rows: list[dict[str, Any]], key: str) -> float | None:
+            vals = [r[key] for r in rows if key in r]
+            return round(sum(vals) / len(vals), 4) if vals else None
+
+        evals = [r["eval_accuracy"] for r in history if "eval_accuracy" in r]
+        dlq = self.transport.dlq_length()
+        backlog = self.transport.backlog()
+        # Groups trained but not yet acked are still in the rollouts backlog.
+        outstanding = max(0, sum(backlog.values()) - len(self.pending_acks))
+        return {
+            "run_id": self.config.run_id,
+            "steps": s.step,
+            "policy_version": s.version,
+            "prompts_issued": s.counters["prompts_issued"],
+            "groups_trained": s.counters["groups_trained"],
+            "groups_dropped_stale": s.counters["groups_dropped_stale"],
+            "rollouts_in_dlq": dlq,
+            "prompts_trained": len(s.trained_tasks),
+            "prompts_outstanding": outstanding,
+            "backlog": {**backlog, "pending": self.transport.pending_counts()},
+            "prompts_unaccounted": s.counters["prompts_issued"]
+            - len(s.trained_tasks)
+            - s.counters["groups_dropped_stale"]
+            - dlq
+            - outstanding,
+            "generator_weight_versions": dict(sorted(self.registry.loaded_versions().items())),
+            "reward_mean_first": first.get("reward_mean"),
+            "reward_mean_last": last.get("reward_mean"),
+            "reward_mean_first_fifth": mean(history[:fifth], "reward_mean"),
+            "reward_mean_last_fifth": mean(history[-fifth:], "reward_mean"),
+            "entropy_first": first.get("entropy"),
+            "entropy_last": last.get("entropy"),
+            "eval_accuracy_start": s.extra.get("eval_accuracy_start"),
+            "eval_accuracy_first": evals[0] if evals else None,
+            "eval_accuracy_last": evals[-1] if evals else None,
+            "num_regularized_total": sum(r.get("num_regularized", 0) for r in history),
+            "wall_s": round(wall_s, 2),
+        }

@@ -1,0 +1,29 @@
+"""Weight sync adapters: the bucketed collective broadcast (Gloo on CPU, NCCL on GPU).
+
+``WeightSender`` (learner, rank 0) and ``WeightReceiver`` (each generator worker) speak the
+protocol described in ``services.weight_sync.group``; the buckets and their manifest come from
+``lpreg_core.weights``. Other transports (CUDA IPC, a shared filesystem path) fit behind the same
+``lpreg_core.weight_sync`` interfaces.
+"""
+
+from services.weight_sync.group import (
+    BroadcastError,
+    BroadcastFailed,
+    ChecksumMismatch,
+    GroupBackend,
+    MembersMissing,
+    resolve_backend,
+)
+from services.weight_sync.receiver import WeightReceiver
+from services.weight_sync.sender import WeightSender
+
+__all__ = [
+    "BroadcastError",
+    "BroadcastFailed",
+    "ChecksumMismatch",
+    "GroupBackend",
+    "MembersMissing",
+    "WeightReceiver",
+    "WeightSender",
+    "resolve_backend",
+]

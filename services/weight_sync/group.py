@@ -1,0 +1,339 @@
+"""Bucketed weight broadcast from the learner (rank 0) to every generator worker.
+
+One code path for both backends: Gloo on CPU, NCCL on GPU (``resolve_backend``). Process groups
+are stateless: each group epoch builds a fresh backend object over a ``PrefixStore`` of the
+learner's ``TCPStore``, never the global default group, so membership can change between publishes
+and a failed epoch is simply dropped.
+
+Protocol, all keys under ``epoch/{e}/`` in the learner's store:
+
+1. The learner calls ``WeightSender.open_epoch(e, world_size, join_timeout_s)``; every member
+   (``WeightReceiver.join``) announces ``joined/{rank}`` and waits for ``members``.
+2. When all ranks 1..world_size-1 have announced, the learner writes ``members`` (the world size)
+   and everyone builds the group over ``epoch/{e}/pg/``. If some never announce, the learner writes
+   ``aborted`` and raises ``MembersMissing`` (the waiting members see ``aborted`` and give up at
+   once); the caller opens a new epoch without them.
+3. Each publish: the manifest goes over gRPC (the control plane), then ``send``/``receive``
+   broadcast every non-empty bucket from rank 0 and finish with one small all-reduce in which every
+   member reports whether its sha256 over the received bytes matches the manifest. ``send`` returns
+   only when every member has all the bytes and has checked them.
+4. Any failure (a dead or stuck peer, the deadline) makes the epoch unusable: the learner writes
+   ``aborted`` (members blocked in ``receive`` notice within ``ABORT_POLL_INTERVAL_S`` and fail
+   too), drops the group, and the caller opens a new epoch with the survivors.
+
+Every wait has a deadline: collectives get a per-operation timeout equal to the time left, and
+completion is polled so a dead peer costs at most the deadline, never a hang. A group dropped with
+an operation still in flight is released on a short-lived daemon thread, because the Gloo
+destructor joins its worker threads, which only return when that operation times out.
+
+Neither class is thread-safe; each is driven by one thread of its service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, ReduceOp, Work
+from torch._C._distributed_c10d import Backend as _C10dBackend
+
+from lpreg_core.weights import WeightManifest, checksum_of_buckets, dtype_from_name, unpack_all
+from lpreg_core.weights import validate_manifest as _validate_manifest
+
+if TYPE_CHECKING:
+    from lpreg_core.config import BroadcastConfig
+
+log = logging.getLogger(__name__)
+
+GroupBackend = Literal["gloo", "nccl"]
+
+# How often a member blocked in a collective asks the store whether the learner gave up the epoch;
+# each check is one store round trip, so this trades store load against recovery latency.
+ABORT_POLL_INTERVAL_S = 0.1
+# Store polling while waiting for joins: short enough not to add visible latency to an epoch.
+JOIN_POLL_INTERVAL_S = 0.02
+# Completion polling backs off from the first to the second value: small buckets finish in well
+# under a millisecond on loopback, large ones take tens of milliseconds.
+_WORK_POLL_MIN_S = 0.0002
+_WORK_POLL_MAX_S = 0.005
+# Timeout of the learner's own store client (it only issues non-blocking set/check/delete).
+_STORE_CLIENT_TIMEOUT_S = 30.0
+# NCCL's watchdog kills the whole process on a collective error by default; a dead generator must
+# cost the learner an epoch, not its life, so its groups are built with error handling off and
+# aborted by this module instead.
+_NCCL_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+
+class BroadcastError(RuntimeError):
+    """Base class of the weight-broadcast errors."""
+
+
+class MembersMissing(BroadcastError):
+    """Some ranks did not join an epoch before the deadline; open a new epoch without them."""
+
+    def __init__(self, epoch: int, missing_ranks: Sequence[int], join_timeout_s: float) -> None:
+        self.epoch = epoch
+        self.missing_ranks = tuple(sorted(missing_ranks))
+        super().__init__(
+            f"epoch {epoch}: ranks {list(self.missing_ranks)} did not join within "
+            f"{join_timeout_s:.1f}s"
+        )
+
+
+class BroadcastFailed(BroadcastError):
+    """A group could not be formed or a collective failed; the epoch is closed and unusable."""
+
+
+class ChecksumMismatch(BroadcastError):
+    """Received bytes differ from the manifest's checksum. The group itself is still usable."""
+
+
+def resolve_backend(config_backend: str, device: torch.device) -> GroupBackend:
+    """The collective backend for weights living on ``device``: auto = NCCL on CUDA, else Gloo."""
+    device = torch.device(device)
+    if config_backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if config_backend == "gloo":
+        return "gloo"
+    if config_backend == "nccl":
+        if device.type != "cuda":
+            raise ValueError(f"broadcast backend 'nccl' needs a CUDA device, got {device}")
+        return "nccl"
+    raise ValueError(f"unknown broadcast backend {config_backend!r} (expected auto, gloo or nccl)")
+
+
+class _Deadline:
+    def __init__(self, timeout_s: float) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout must be positive, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.end = time.monotonic() + timeout_s
+
+    def remaining_s(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def op_timeout(self) -> timedelta:
+        # Collective backends reject a zero timeout; a millisecond expires just as surely.
+        return timedelta(seconds=max(self.remaining_s(), 0.001))
+
+
+def _epoch_store(store: dist.Store, epoch: int) -> dist.PrefixStore:
+    return dist.PrefixStore(f"epoch/{epoch}", store)
+
+
+def _joined_key(rank: int) -> str:
+    return f"joined/{rank}"
+
+
+_MEMBERS_KEY = "members"
+_ABORTED_KEY = "aborted"
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
+def _local_address_towards(host: str, port: int) -> str:
+    """This machine's address on the route to ``host``: the one peers can reach us on.
+
+    Connecting a UDP socket sends nothing; the kernel only chooses the route and source address.
+    """
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(address)
+        return str(probe.getsockname()[0])
+
+
+@contextlib.contextmanager
+def _env_var(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def _new_backend(
+    store: dist.Store,
+    rank: int,
+    world_size: int,
+    backend: GroupBackend,
+    timeout_s: float,
+    device: torch.device,
+    device_host: str | None,
+) -> _C10dBackend:
+    """A process-group backend of its own, outside the global default group (blocks to connect)."""
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+        options._timeout = timeout
+        options._devices = [
+            dist.ProcessGroupGloo.create_device(hostname=device_host)
+            if device_host
+            else dist.ProcessGroupGloo.create_default_device()
+        ]
+        # One collective is in flight at a time, so one worker thread is enough.
+        options._threads = 1
+        return dist.ProcessGroupGloo(store, rank, world_size, options)
+    if backend == "nccl":
+        nccl_options = dist.ProcessGroupNCCL.Options()
+        nccl_options._timeout = timeout
+        with _env_var(_NCCL_ERROR_HANDLING_ENV, "0"):
+            pg = dist.ProcessGroupNCCL(store, rank, world_size, nccl_options)
+        cuda = (
+            device
+            if device.index is not None
+            else torch.device("cuda", torch.cuda.current_device())
+        )
+        # Connect now, so a missing peer fails the epoch at open time, not at the first publish.
+        pg.eager_connect_single_device(cuda)
+        return pg
+    raise ValueError(f"unknown broadcast backend {backend!r}")
+
+
+def _drop_backend(holder: list[_C10dBackend]) -> None:
+    holder.clear()
+
+
+class _Group:
+    """One epoch's process group: ordered broadcasts and all-reduces, each with a deadline."""
+
+    def __init__(
+        self,
+        pg: _C10dBackend,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        backend: GroupBackend,
+        device: torch.device,
+    ) -> None:
+        self._holder = [pg]
+        self.epoch = epoch
+        self.rank = rank
+        self.world_size = world_size
+        self.backend = backend
+        self.device = device
+        self._last_work: Work | None = None
+
+    @property
+    def _pg(self) -> _C10dBackend:
+        if not self._holder:
+            raise BroadcastFailed(f"epoch {self.epoch}: the process group was already released")
+        return self._holder[0]
+
+    def broadcast(
+        self,
+        tensor: torch.Tensor,
+        deadline: _Deadline,
+        what: str,
+        abort_reason: Callable[[], str | None] | None = None,
+    ) -> None:
+        options = BroadcastOptions()
+        options.rootRank = 0
+        options.rootTensor = 0
+        options.timeout = deadline.op_timeout()
+        self._run(
+            lambda: self._pg.broadcast([tensor], options),  # type: ignore[attr-defined]
+            deadline,
+            what,
+            abort_reason,
+        )
+
+    def allreduce_sum(
+        self,
+        tensor: torch.Tensor,
+        deadline: _Deadline,
+        what: str,
+        abort_reason: Callable[[], str | None] | None = None,
+    ) -> None:
+        options = AllreduceOptions()
+        options.reduceOp = ReduceOp.SUM  # type: ignore[assignment]
+        options.timeout = deadline.op_timeout()
+        self._run(
+            lambda: self._pg.allreduce([tensor], options),  # type: ignore[attr-defined]
+            deadline,
+            what,
+            abort_reason,
+        )
+
+    def _run(
+        self,
+        start: Callable[[], Work],
+        deadline: _Deadline,
+        what: str,
+        abort_reason: Callable[[], str | None] | None,
+    ) -> None:
+        context = f"epoch {self.epoch}, rank {self.rank}/{self.world_size}: {what}"
+        if deadline.expired():
+            raise BroadcastFailed(
+                f"{context}: deadline of {deadline.timeout_s:.1f}s already passed"
+            )
+        try:
+            work = start()
+        except RuntimeError as e:
+            raise BroadcastFailed(f"{context} could not start: {e}") from e
+        self._last_work = work
+        poll_s = _WORK_POLL_MIN_S
+        next_abort_check = time.monotonic() + ABORT_POLL_INTERVAL_S
+        while not work.is_completed():
+            now = time.monotonic()
+            if now >= deadline.end:
+                raise BroadcastFailed(
+                    f"{context} did not complete within the {deadline.timeout_s:.1f}s deadline "
+                    "(a peer is dead or stuck)"
+                )
+            if abort_reason is not None and now >= next_abort_check:
+                reason = abort_reason()
+                if reason is not None:
+                    raise BroadcastFailed(f"{context}: the learner abandoned the epoch ({reason})")
+                next_abort_check = time.monotonic() + ABORT_POLL_INTERVAL_S
+            time.sleep(min(poll_s, deadline.remaining_s()))
+            poll_s = min(poll_s * 2, _WORK_POLL_MAX_S)
+        try:
+            # Surfaces the operation's error; on CUDA it also orders the caller's stream after it.
+            work.wait()
+        except RuntimeError as e:
+            raise BroadcastFailed(f"{context} failed: {e}") from e
+
+    def release(self) -> None:
+        """Tear the group down. Never blocks on an operation that is still in flight."""
+        if not self._holder:
+            return
+        pg = self._holder[0]
+        in_flight = self._last_work is not None and not self._last_work.is_completed()
+        self._last_work = None
+        try:
+            if in_flight:
+                # NCCL: aborts the communicators so the operation fails now; Gloo: a no-op.
+                pg.abort()
+            else:
+                pg.shutdown()
+        except RuntimeError as e:
+            log.warning("epoch %d: tearing down the %s group: %s", self.epoch, self.backend, e)
+        del pg
+        if in_flight:
+            holder, self._holder = self._holder, []
+            threading.Thread(
+                target=_drop_backend,
+                args=(holder,),
+                name=f"lpreg-broadcast-release-epoch-{self.epoch}",
+                daemon=True,
+            ).start()
+        else:
+            self._holder.clear()

@@ -1,0 +1,205 @@
+"""Learner side of the weight broadcast (rank 0): the TCPStore, epochs, bucketed sends."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from services.weight_sync.group import (
+    GroupBackend,
+    MembersMissing,
+    BroadcastFailed,
+    ChecksumMismatch,
+    _Deadline,
+    _Group,
+)
+
+if TYPE_CHECKING:
+    from lpreg_core.config import BroadcastConfig
+
+log = logging.getLogger(__name__)
+
+
+class WeightSender:
+    """Learner side (rank 0): owns the TCPStore and the group of the current epoch.
+
+    ``WeightSender(config.broadcast, device)`` binds the store on ``store_host:store_port``
+    (port 0 picks a free one; see ``.port``). Per membership change: ``open_epoch``; per publish:
+    ``send`` the flat buffers returned by ``lpreg_core.weights.build_manifest`` after the manifest
+    went out over gRPC.
+    """
+
+    def __init__(
+        self,
+        config: BroadcastConfig,
+        device: torch.device | str = "cpu",
+        *,
+        device_host: str | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.backend: GroupBackend = resolve_backend(config.backend, self.device)
+        self.host = config.store_host
+        # What members are told to dial (JoinGroup.store_host); differs from the bind address
+        # when the learner binds a wildcard behind a Service.
+        self.advertise_host = config.advertise_host or config.store_host
+        # Gloo binds its own sockets: on the store's address unless that is a wildcard, in which
+        # case Gloo's default (this host's resolved name) is the address members can reach.
+        self._device_host = device_host or (None if _is_wildcard(self.host) else self.host)
+        # TCPStore on its own listens on every interface; a socket bound here and handed over
+        # keeps the store on the configured address only.
+        try:
+            listener = socket.create_server((self.host, config.store_port), backlog=1024)
+        except OSError as e:
+            raise OSError(
+                f"cannot bind the weight-broadcast store on {self.host}:{config.store_port}: {e}"
+            ) from e
+        self.port = int(listener.getsockname()[1])
+        fd = listener.detach()  # the store owns the descriptor from here on
+        try:
+            self._store: dist.TCPStore | None = dist.TCPStore(
+                self.host,
+                self.port,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=_STORE_CLIENT_TIMEOUT_S),
+                master_listen_fd=fd,
+            )
+        except RuntimeError:
+            os.close(fd)
+            raise
+        self._group: _Group | None = None
+        self._last_epoch = -1
+
+    @property
+    def epoch(self) -> int | None:
+        """The open epoch, or None."""
+        return self._group.epoch if self._group is not None else None
+
+    @property
+    def world_size(self) -> int | None:
+        """World size of the open epoch (learner included), or None."""
+        return self._group.world_size if self._group is not None else None
+
+    def _require_store(self) -> dist.TCPStore:
+        if self._store is None:
+            raise RuntimeError("the weight sender is closed")
+        return self._store
+
+    def open_epoch(self, epoch: int, world_size: int, join_timeout_s: float) -> None:
+        """Form the group of ``epoch`` with ranks 0..world_size-1, or raise.
+
+        Waits until every member rank has announced itself, then builds the group. Raises
+        ``MembersMissing`` if some never announce before the deadline, ``BroadcastFailed`` if the
+        group cannot be connected (a member died after announcing). An open epoch is closed first.
+        """
+        store = self._require_store()
+        if epoch <= self._last_epoch:
+            raise ValueError(f"epochs must increase: {epoch} after {self._last_epoch}")
+        if world_size < 2:
+            raise ValueError(
+                f"an epoch needs the learner and at least one member, got {world_size}"
+            )
+        deadline = _Deadline(join_timeout_s)
+        self.close_epoch()
+        self._last_epoch = epoch
+        epoch_store = _epoch_store(store, epoch)
+        pending = {rank: _joined_key(rank) for rank in range(1, world_size)}
+        while True:
+            pending = {r: k for r, k in pending.items() if not epoch_store.check([k])}
+            if not pending:
+                break
+            if deadline.expired():
+                missing = MembersMissing(epoch, list(pending), join_timeout_s)
+                epoch_store.set(_ABORTED_KEY, str(missing))
+                raise missing
+            time.sleep(min(JOIN_POLL_INTERVAL_S, deadline.remaining_s()))
+        epoch_store.set(_MEMBERS_KEY, str(world_size))
+        try:
+            pg = _new_backend(
+                dist.PrefixStore("pg", epoch_store),
+                0,
+                world_size,
+                self.backend,
+                max(deadline.remaining_s(), 0.001),
+                self.device,
+                self._device_host,
+            )
+        except RuntimeError as e:
+            message = (
+                f"epoch {epoch}: could not connect the {self.backend} group of {world_size}: {e}"
+            )
+            epoch_store.set(_ABORTED_KEY, message)
+            raise BroadcastFailed(message) from e
+        self._group = _Group(pg, epoch, 0, world_size, self.backend, self.device)
+        log.info("epoch %d open: %s group of %d", epoch, self.backend, world_size)
+
+    def send(self, flats: Sequence[torch.Tensor], timeout_s: float) -> None:
+        """Broadcast the flat buckets to every member and wait until all verified them.
+
+        Raises ``BroadcastFailed`` (epoch closed: open a new one) when a peer dies or the deadline
+        passes, ``ChecksumMismatch`` (epoch still open) when some member's bytes did not match.
+        """
+        group = self._group
+        if group is None:
+            raise RuntimeError("send() needs an open epoch: call open_epoch() first")
+        deadline = _Deadline(timeout_s)
+        for index, flat in enumerate(flats):
+            if flat.dim() != 1 or not flat.is_contiguous():
+                raise ValueError(f"bucket {index}: expected a flat contiguous tensor")
+        try:
+            for index, flat in enumerate(flats):
+                if flat.numel() == 0:
+                    continue
+                group.broadcast(flat, deadline, f"broadcast of bucket {index}/{len(flats)}")
+            failures = torch.zeros(1, dtype=torch.int32, device=_flat_device(flats, self.device))
+            group.allreduce_sum(failures, deadline, "checksum confirmation")
+        except BroadcastFailed as e:
+            self._abort_epoch(str(e))
+            raise
+        num_failed = int(failures.item())
+        if num_failed:
+            raise ChecksumMismatch(
+                f"epoch {group.epoch}: {num_failed} of {group.world_size - 1} members received "
+                "bytes that do not match the manifest checksum"
+            )
+
+    def _abort_epoch(self, reason: str, *, failed: bool = True) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        if self._store is not None:
+            try:
+                _epoch_store(self._store, group.epoch).set(_ABORTED_KEY, reason)
+            except RuntimeError as e:
+                log.warning("epoch %d: could not mark it aborted in the store: %s", group.epoch, e)
+        group.release()
+        if failed:
+            log.warning("epoch %d aborted: %s", group.epoch, reason)
+        else:
+            log.info("epoch %d closed", group.epoch)
+
+    def close_epoch(self) -> None:
+        """Drop the current group (no-op without one); members blocked in it give up promptly."""
+        self._abort_epoch("closed by the learner", failed=False)
+
+    def close(self) -> None:
+        """Close the epoch and stop the store. Idempotent."""
+        self.close_epoch()
+        self._store = None
+
+    def __enter__(self) -> WeightSender:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _flat_device(flats: Sequence[torch.Tensor], default: torch.device) -> torch.device:
+    """Device of the buckets (the confirmation tensor must live where the collective runs)."""
+    return flats[0].device if flats else default
