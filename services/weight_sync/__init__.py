@@ -1,7 +1,8 @@
 """Weight sync adapters: the bucketed collective broadcast (Gloo on CPU, NCCL on GPU).
 
 ``WeightSender`` (learner, rank 0) and ``WeightReceiver`` (each generator worker) speak the
-protocol described in ``services.weight_sync.group``; the buckets and their manifest come from
+protocol described in ``services.weight_sync.group``; a worker receives and loads a publish bucket
+by bucket (``WeightReceiver.receive_buckets``); the buckets and their manifest come from
 ``lpreg_core.weights``. Other transports (CUDA IPC, a shared filesystem path) fit behind the same
 ``lpreg_core.weight_sync`` interfaces.
 """
@@ -12,18 +13,23 @@ from services.weight_sync.group import (
     ChecksumMismatch,
     GroupBackend,
     MembersMissing,
+    check_member_backend,
+    check_receive_target,
     resolve_backend,
 )
-from services.weight_sync.receiver import WeightReceiver
+from services.weight_sync.receiver import BucketStream, WeightReceiver
 from services.weight_sync.sender import WeightSender
 
 __all__ = [
     "BroadcastError",
     "BroadcastFailed",
+    "BucketStream",
     "ChecksumMismatch",
     "GroupBackend",
     "MembersMissing",
     "WeightReceiver",
     "WeightSender",
+    "check_member_backend",
+    "check_receive_target",
     "resolve_backend",
 ]

@@ -13,12 +13,14 @@ Protocol, all keys under ``epoch/{e}/`` in the learner's store:
    and everyone builds the group over ``epoch/{e}/pg/``. If some never announce, the learner writes
    ``aborted`` and raises ``MembersMissing`` (the waiting members see ``aborted`` and give up at
    once); the caller opens a new epoch without them.
-3. Each publish: the manifest goes over gRPC (the control plane), then ``send``/``receive``
+3. Each publish: the manifest goes over gRPC (the control plane), then ``send``/``receive_buckets``
    broadcast every non-empty bucket from rank 0 and finish with one small all-reduce in which every
    member reports whether its sha256 over the received bytes matches the manifest. ``send`` returns
-   only when every member has all the bytes and has checked them.
+   only when every member has all the bytes and has checked them. A member receives one bucket at
+   a time and loads it before taking the next, so its receive memory is bounded by the bucket
+   size; the sender sees no difference.
 4. Any failure (a dead or stuck peer, the deadline) makes the epoch unusable: the learner writes
-   ``aborted`` (members blocked in ``receive`` notice within ``ABORT_POLL_INTERVAL_S`` and fail
+   ``aborted`` (members blocked in a receive notice within ``ABORT_POLL_INTERVAL_S`` and fail
    too), drops the group, and the caller opens a new epoch with the survivors.
 
 Every wait has a deadline: collectives get a per-operation timeout equal to the time left, and
@@ -39,18 +41,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, ReduceOp, Work
 from torch._C._distributed_c10d import Backend as _C10dBackend
-
-from lpreg_core.weights import WeightManifest, checksum_of_buckets, dtype_from_name, unpack_all
-from lpreg_core.weights import validate_manifest as _validate_manifest
-
-if TYPE_CHECKING:
-    from lpreg_core.config import BroadcastConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +93,14 @@ class ChecksumMismatch(BroadcastError):
     """Received bytes differ from the manifest's checksum. The group itself is still usable."""
 
 
-def resolve_backend(config_backend: str, device: torch.device) -> GroupBackend:
-    """The collective backend for weights living on ``device``: auto = NCCL on CUDA, else Gloo."""
+def resolve_backend(
+    config_backend: str, device: torch.device | str, *, device_field: str = "learner.device"
+) -> GroupBackend:
+    """The collective backend for weights living on ``device``: auto = NCCL on CUDA, else Gloo.
+
+    ``device_field`` names the setting that put the weights on ``device``, so that a refusal
+    says which two settings disagree.
+    """
     device = torch.device(device)
     if config_backend == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
@@ -106,9 +108,52 @@ def resolve_backend(config_backend: str, device: torch.device) -> GroupBackend:
         return "gloo"
     if config_backend == "nccl":
         if device.type != "cuda":
-            raise ValueError(f"broadcast backend 'nccl' needs a CUDA device, got {device}")
+            raise ValueError(
+                f"broadcast.backend=nccl needs CUDA memory on both sides, but {device_field} is "
+                f"{device.type}; set broadcast.backend=gloo (or auto), or run it on a GPU"
+            )
         return "nccl"
-    raise ValueError(f"unknown broadcast backend {config_backend!r} (expected auto, gloo or nccl)")
+    raise ValueError(
+        f"broadcast.backend={config_backend!r} is not a backend (expected auto, gloo or nccl)"
+    )
+
+
+def check_member_backend(
+    config_backend: str, learner_device: str, device: torch.device | str
+) -> str:
+    """Start-up check of a generator whose workers hold their weights on ``device``.
+
+    Refuses (``ValueError`` naming the settings) a CPU generator facing NCCL, whether
+    ``broadcast.backend`` says nccl or says auto for a learner configured onto a GPU
+    (``learner.device=cuda``). Returns the backend the learner will pick: "gloo", "nccl", or
+    "auto" when only the learner's machine can tell (``learner.device=auto``).
+    """
+    member = torch.device(device)
+    where = f"the generator's device ({member.type})"
+    if config_backend == "auto" and learner_device == "cuda":
+        if member.type != "cuda":
+            raise ValueError(
+                "broadcast.backend=auto with learner.device=cuda broadcasts over NCCL, which "
+                f"needs CUDA memory on both sides, but {where} is not a GPU; set "
+                "broadcast.backend=gloo, or run the generator on a GPU"
+            )
+        return "nccl"
+    if config_backend == "auto" and learner_device == "auto":
+        return "auto"
+    if config_backend == "auto":
+        return "gloo"
+    return resolve_backend(config_backend, member, device_field=where)
+
+
+def check_receive_target(backend: str, device: torch.device | str) -> torch.device:
+    """Where a member of a ``backend`` group can receive: NCCL only into CUDA memory."""
+    target = torch.device(device)
+    if backend == "nccl" and target.type != "cuda":
+        raise ValueError(
+            f"an NCCL broadcast group receives into CUDA memory, not {target}: "
+            "set broadcast.backend=gloo for a generator without a GPU"
+        )
+    return target
 
 
 class _Deadline:

@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import logging
-import threading
+import os
+import socket
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from services.weight_sync.group import (
-    GroupBackend,
-    MembersMissing,
+    _ABORTED_KEY,
+    _MEMBERS_KEY,
+    _STORE_CLIENT_TIMEOUT_S,
+    JOIN_POLL_INTERVAL_S,
     BroadcastFailed,
     ChecksumMismatch,
+    GroupBackend,
+    MembersMissing,
     _Deadline,
+    _epoch_store,
     _Group,
+    _is_wildcard,
+    _joined_key,
+    _new_backend,
+    resolve_backend,
 )
 
 if TYPE_CHECKING:
