@@ -24,6 +24,7 @@ from services.generator.control_client import ControlClient
 from services.generator.loop import GeneratorLoop
 from services.generator.metrics import GeneratorMetrics
 from services.transport import RedisStreams
+from services.weight_sync import check_member_backend
 
 log = logging.getLogger("lpreg.generator")
 
@@ -40,6 +41,7 @@ def run_generator(config: RunConfig, generator_id: str | None = None) -> None:
     backend = make_backend(
         config.generator.backend, config.model, seed=seed, dtype=config.generator.dtype
     )
+    check_member_backend(config.broadcast.backend, config.learner.device, backend.device)
     prom = CollectorRegistry()
     metrics = GeneratorMetrics(prom, config.run_id)
     transport = RedisStreams(
@@ -59,6 +61,7 @@ def run_generator(config: RunConfig, generator_id: str | None = None) -> None:
         vocab_size=backend.vocab_size,
         device=backend.device.type,
         auth_token=load_auth_token(config.control),
+        run_id=config.run_id,
     )
     gen = GeneratorLoop(
         config,

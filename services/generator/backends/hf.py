@@ -45,7 +45,13 @@ class HFBackend:
             else self._eos_id
         )
         self._receiver = WeightReceiver()
+        # Gloo receives into host memory, NCCL straight into the model's GPU.
+        self._receive_device = torch.device("cpu")
         self._rank: int | None = None
+        # Set when a load stopped after writing some weights (a broadcast failure mid-publish, a
+        # checksum mismatch found after the last bucket): the model is then neither version and
+        # must not sample until a complete load replaces every parameter.
+        self._poisoned: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -73,8 +79,15 @@ class HFBackend:
     def decode(self, token_ids: list[int]) -> str:
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))
 
+    @property
+    def poisoned(self) -> str | None:
+        """Why the weights are unusable (a load stopped half way), or None."""
+        return self._poisoned
+
     @torch.no_grad()
     def generate(self, requests: list[SampleRequest]) -> list[list[SampledCompletion]]:
+        if self._poisoned is not None:
+            raise RuntimeError(f"the model's weights are unusable: {self._poisoned}")
         if not requests:
             return []
         temperature = requests[0].temperature
@@ -144,24 +157,56 @@ class HFBackend:
             attention = torch.cat([attention, (~done).long()[:, None]], dim=1)
         return completions
 
+    def _loadable(self) -> dict[str, torch.Tensor]:
+        targets: dict[str, torch.Tensor] = dict(self._model.named_parameters())
+        targets.update(self._model.named_buffers())
+        return targets
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        params: dict[str, torch.Tensor] = dict(self._model.named_parameters())
-        params.update(self._model.named_buffers())
-        staged = []
-        for name, tensor in named_tensors:
-            if name not in params:
-                raise KeyError(f"weight {name!r} is not a parameter of the generator's model")
-            if params[name].shape != tensor.shape:
-                raise ValueError(
-                    f"weight {name!r}: shape {tuple(tensor.shape)} != model's {tuple(params[name].shape)}"
-                )
-            staged.append((params[name], tensor))
+        """Copy each tensor into the model as it comes, then serve the weights as ``version``.
+
+        Tensors may arrive in another dtype or on another device than the model's: the copy casts
+        and moves them. Sampling waits while weights change (one lock, also held by each decode
+        step). If anything fails after the first copy, the model is poisoned: ``generate``
+        refuses until a later load replaces every parameter.
+        """
+        targets = self._loadable()
+        parameters = {name for name, _ in self._model.named_parameters()}
+        loaded: set[str] = set()
         with self._lock, torch.no_grad():
-            for param, tensor in staged:
-                param.copy_(tensor)
+            try:
+                for name, tensor in named_tensors:
+                    target = targets.get(name)
+                    if target is None:
+                        raise KeyError(
+                            f"weight {name!r} is not a parameter of the generator's model"
+                        )
+                    if target.shape != tensor.shape:
+                        raise ValueError(
+                            f"weight {name!r}: shape {tuple(tensor.shape)} != model's "
+                            f"{tuple(target.shape)}"
+                        )
+                    target.copy_(tensor)
+                    loaded.add(name)
+            except BaseException as e:
+                if loaded:
+                    self._poisoned = (
+                        f"loading v{version} stopped after {len(loaded)} tensors "
+                        f"({type(e).__name__}: {e})"
+                    )
+                raise
+            if self._poisoned is not None:
+                if not parameters <= loaded:
+                    missing = sorted(parameters - loaded)[:5]
+                    raise RuntimeError(
+                        f"v{version} did not replace every parameter of the poisoned model "
+                        f"(e.g. {missing}); it stays unusable: {self._poisoned}"
+                    )
+                self._poisoned = None
             self._version = version
 
     def join_group(self, join: JoinGroup) -> None:
+        receive_device = self._device if join.backend == "nccl" else torch.device("cpu")
         self._receiver.join(
             epoch=join.epoch,
             rank=join.rank_offset,
@@ -170,12 +215,32 @@ class HFBackend:
             store_port=join.store_port,
             backend=join.backend,
             timeout_s=join.timeout_s,
+            device=receive_device,
         )
+        self._receive_device = receive_device
         self._rank = join.rank_offset
 
     def update_weights(self, manifest: WeightManifest, timeout_s: float) -> str:
-        named = self._receiver.receive(manifest, self._device, timeout_s)
-        self.load_weights(named, manifest.version)
+        """Receive the publish bucket by bucket, loading each bucket as it arrives.
+
+        A publish whose names or shapes do not fit the model is received and discarded (the
+        group stays in step) and refused before anything is written. A broadcast failure or a
+        checksum mismatch after the first bucket leaves the model poisoned (see ``load_weights``).
+        """
+        targets = self._loadable()
+        misfits = [
+            f"{s.name} {s.shape}"
+            for s in manifest.tensors
+            if s.name not in targets or tuple(targets[s.name].shape) != s.shape
+        ]
+        if misfits:
+            self._receiver.discard(manifest, timeout_s)
+            raise ValueError(
+                f"published weights v{manifest.version} do not fit the generator's model: "
+                f"{misfits[:5]}{' ...' if len(misfits) > 5 else ''}"
+            )
+        with self._receiver.receive_buckets(manifest, self._receive_device, timeout_s) as stream:
+            self.load_weights(stream, manifest.version)
         return manifest.checksum
 
     def leave_group(self) -> None:

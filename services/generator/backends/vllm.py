@@ -11,10 +11,10 @@ i.e. log softmax(logits / T) over the full vocabulary, the value the learner rec
 
 Weight swaps (``update_weights``): the engine is paused with in-flight requests kept
 (``pause_generation(mode="keep")``), every vLLM worker receives the broadcast through the worker
-extension (``vllm_worker.LpregWorkerExtension``) and reloads its weights in place, the KV cache
-is reset, running requests included (their context is recomputed with the new weights, so every
-later token is sampled from the new policy alone), the engine's weight version is set and
-generation resumes. vLLM attaches the engine's weight version to every step's output and reports
+extension (``vllm_worker.LpregWorkerExtension``) and reloads its weights in place bucket by
+bucket as they arrive, the KV cache is reset, running requests included (their context is
+recomputed with the new weights, so every later token is sampled from the new policy alone), the
+engine's weight version is set and generation resumes. vLLM attaches the engine's weight version to every step's output and reports
 per-completion version spans, which become the per-token versions of a completion.
 """
 
@@ -270,11 +270,13 @@ class VLLMBackend:
                     f"expected v{manifest.version} ({manifest.checksum[:12]})"
                 )
         log.info(
-            "v%d loaded by %d vLLM worker(s): receive %.3fs, reload %.3fs",
+            "v%d loaded by %d vLLM worker(s): receive %.3fs, reload %.3fs, "
+            "receive buffers at most %d bytes per worker",
             manifest.version,
             len(results),
             max(r["receive_s"] for r in results),
             max(r["load_s"] for r in results),
+            max(r["peak_buffer_bytes"] for r in results),
         )
         return manifest.checksum
 
@@ -295,7 +297,9 @@ class VLLMBackend:
                 )
                 if any(r["loaded_partially"] for r in failed):
                     # Sampling from a half-reloaded model would poison the run: the requests
-                    # in flight fail now and every later generate() call refuses to run.
+                    # in flight fail now and generate() refuses to run until a later publish
+                    # loads completely. Weights stream in bucket by bucket, so a broadcast
+                    # failure mid-publish or a checksum mismatch lands here too.
                     self._poisoned = message
                     await engine.pause_generation(mode="abort", clear_cache=True)
                 raise RuntimeError(message)
@@ -304,6 +308,13 @@ class VLLMBackend:
             await engine.reset_prefix_cache(reset_running_requests=True)
             await engine.update_weight_version(str(manifest.version))
             self._version = manifest.version
+            if self._poisoned is not None:
+                # Every worker reloaded every checkpoint tensor (vllm_worker.check_weights):
+                # nothing of the half-loaded model is left.
+                log.info(
+                    "v%d replaced the half-loaded weights (%s)", manifest.version, self._poisoned
+                )
+                self._poisoned = None
         finally:
             if self._poisoned is None:
                 await engine.resume_generation()

@@ -3,8 +3,9 @@
 vLLM mixes this class into its worker class (``worker_extension_cls``); the backend reaches it with
 ``collective_rpc("lpreg_...")``, which runs the method on every worker at once. Each worker is a
 rank of its own in the learner's broadcast group (rank = JoinGroup.rank_offset + the worker's
-vLLM rank), so a tensor-parallel engine receives the full weights on every shard and
-``reload_weights`` slices them as at start-up.
+vLLM rank), so a tensor-parallel engine receives the full weights on every shard, bucket by
+bucket, and ``reload_weights`` slices them as at start-up while they arrive: each worker holds at
+most two buckets of received weights, never the whole model.
 
 Arguments cross the process boundary through vLLM's RPC serialiser, which turns tensors into
 nested lists; everything here therefore travels as protobuf bytes and plain numbers.
@@ -16,6 +17,7 @@ import json
 import logging
 import struct
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 
 from lpreg_core.weights import manifest_from_proto
 from lpreg_core.wire.lpreg.v1 import control_pb2
-from services.weight_sync import WeightReceiver
+from services.weight_sync import BroadcastError, BucketStream, WeightReceiver
 
 log = logging.getLogger("lpreg.generator.vllm_worker")
 
@@ -97,6 +99,23 @@ def check_weights(
         )
 
 
+def _reload_feed(
+    stream: BucketStream, skip: str | None
+) -> Generator[tuple[str, torch.Tensor], None, None]:
+    """What vLLM's reload consumes: the stream's tensors, less ``skip``.
+
+    A broadcast error ends the feed instead of propagating: vLLM then finishes its layer-by-layer
+    reload (puts back the layers that got nothing) and the model keeps its normal shape for the
+    next, complete publish. The error stays in ``stream.error``.
+    """
+    try:
+        for name, tensor in stream:
+            if name != skip:
+                yield name, tensor
+    except BroadcastError:
+        return
+
+
 def _few(names: list[str]) -> str:
     return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
 
@@ -158,13 +177,17 @@ class LpregWorkerExtension:
         return {"rank": rank, "error": ""}
 
     def lpreg_receive_and_load(self, manifest_bytes: bytes, timeout_s: float) -> dict[str, Any]:
-        """Receive one publish, verify it, and reload the weights in place.
+        """Receive one publish bucket by bucket and reload the weights in place as it arrives.
 
-        The caller pauses the engine first, so no forward pass runs while tensors change. The
-        checksum and the weight names and shapes are checked before the first tensor is written,
-        so a bad publish leaves the old weights intact. Errors come back in the result rather than as
-        exceptions: the caller must know whether the model was touched (``loaded_partially``),
-        an exception would only arrive as text, and vLLM logs each one as a worker crash.
+        The caller pauses the engine first, so no forward pass runs while tensors change. Receive
+        memory is one bucket (two while vLLM still holds the last tensor of the previous one),
+        never the whole model: vLLM's reload consumes the stream and casts each tensor to its
+        parameter's dtype. The weight names and shapes are checked before anything is written
+        (a misfit publish is received and discarded, the old weights stay); a broadcast failure
+        mid-publish or a checksum mismatch after the last bucket leaves the model half loaded
+        (``loaded_partially``). Errors come back in the result rather than as exceptions: the
+        caller must know whether the model was touched, an exception would only arrive as text,
+        and vLLM logs each one as a worker crash.
         """
         result: dict[str, Any] = {
             "rank": self.rank,
@@ -174,31 +197,56 @@ class LpregWorkerExtension:
             "load_s": 0.0,
             "error": "",
             "loaded_partially": False,
+            "peak_buffer_bytes": 0,
         }
         start = time.monotonic()
+        receiver = self._lpreg_receiver()
         try:
             manifest = manifest_from_proto(control_pb2.WeightManifest.FromString(manifest_bytes))
             device = getattr(self, "_lpreg_receive_device", torch.device("cpu"))
-            named = self._lpreg_receiver().receive(manifest, device, timeout_s)
             expected, tied = self._lpreg_checkpoint()
-            check_weights({s.name: s.shape for s in manifest.tensors}, expected, tied)
         except Exception as e:  # reported to the backend, which fails the publish
             result["error"] = f"{type(e).__name__}: {e}"
             return result
-        result["receive_s"] = time.monotonic() - start
-        if tied:
-            named = [(n, t) for n, t in named if n != _TIED_OUTPUT_NAME]
         try:
-            with torch.no_grad():
-                self.reload_weights(  # type: ignore[attr-defined]
-                    weights_iterator=iter(named), is_checkpoint_format=True
-                )
-        except Exception as e:
-            log.exception("in-place reload of v%d failed", manifest.version)
+            check_weights({s.name: s.shape for s in manifest.tensors}, expected, tied)
+        except ValueError as e:
             result["error"] = f"{type(e).__name__}: {e}"
-            result["loaded_partially"] = True
+            try:
+                receiver.discard(manifest, timeout_s)
+            except Exception as drain:  # the group is gone; the learner starts a new epoch
+                result["error"] += f" (and draining the publish failed: {drain})"
             return result
-        result["load_s"] = time.monotonic() - start - result["receive_s"]
+        try:
+            stream = receiver.receive_buckets(manifest, device, timeout_s)
+        except Exception as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+            return result
+        skip = _TIED_OUTPUT_NAME if tied else None
+        with stream:
+            weights = _reload_feed(stream, skip)
+            try:
+                with torch.no_grad():
+                    self.reload_weights(  # type: ignore[attr-defined]
+                        weights_iterator=weights, is_checkpoint_format=True
+                    )
+            except Exception as e:
+                log.exception("in-place reload of v%d failed", manifest.version)
+                result["error"] = f"{type(e).__name__}: {e}"
+                # The reload moved the layers aside before the first tensor: any failure of it
+                # leaves the model neither version.
+                result["loaded_partially"] = True
+            finally:
+                weights.close()
+        result["receive_s"] = stream.wait_s
+        result["load_s"] = time.monotonic() - start - stream.wait_s
+        result["peak_buffer_bytes"] = receiver.peak_buffer_bytes
+        if result["error"]:
+            return result
+        if stream.error is not None:
+            result["error"] = f"{type(stream.error).__name__}: {stream.error}"
+            result["loaded_partially"] = stream.num_tensors > 0
+            return result
         result["version"] = manifest.version
         result["checksum"] = manifest.checksum
         return result
