@@ -8,11 +8,23 @@ Redis password) never live here: the config names the environment variable that 
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lpreg_core.loss_config import LossConfig, LpRegConfig, default_tag
 
@@ -76,7 +88,7 @@ TaskConfig = Annotated[
 
 class SamplingConfig(_Section):
     """How the behaviour policy samples. top_p = 1 and no top-k/min-p, always: the behaviour policy
-    must be the full-vocabulary distribution (LPREG_SPEC section 5)."""
+    must be the full-vocabulary distribution (docs/algorithm.md, "What the generators must send")."""
 
     num_samples: int = Field(
         8, ge=1, le=1024, description="Completions per prompt (GRPO group size)."
@@ -121,7 +133,9 @@ class LearnerConfig(_Section):
 
     steps: int = Field(40, ge=1, description="Optimiser steps to run.")
     prompts_per_step: int = Field(
-        16, ge=1, description="Prompt groups per optimiser step (B in DESIGN.md's admission rule)."
+        16,
+        ge=1,
+        description="Prompt groups per optimiser step (B in the admission rule of docs/design.md).",
     )
     micro_batch_sequences: int = Field(
         64, ge=1, description="Sequences per forward/backward micro-batch (memory bound)."
@@ -252,7 +266,10 @@ class GeneratorConfig(_Section):
 class RedisConfig(_Section):
     """Redis Streams transport. The URL may be overridden by LPREG_REDIS_URL."""
 
-    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss://).")
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL: redis://[user@]host:port/db, rediss:// (TLS) or unix:///path.",
+    )
     password_env: str = Field(
         "LPREG_REDIS_PASSWORD", description="Environment variable holding the Redis password."
     )
@@ -276,6 +293,37 @@ class RedisConfig(_Section):
         0.25, gt=0.0, description="First retry delay (doubles each time)."
     )
     retry_backoff_max_s: float = Field(2.0, gt=0.0, description="Longest retry delay.")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        problem = redis_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a usable Redis URL, or None. Checked when the config (or
+    LPREG_REDIS_URL) is read, so a typo fails at start-up, not at the first connection."""
+    example = "e.g. redis://127.0.0.1:6379/0, rediss://host:6380/0 or unix:///run/redis.sock"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        return f"malformed Redis URL {url!r} ({e}); {example}"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return f"Redis URL {url!r} must start with redis://, rediss:// or unix://; {example}"
+    if parts.scheme == "unix":
+        return None if parts.path else f"Redis URL {url!r} names no socket path; {example}"
+    if not parts.hostname:
+        return f"Redis URL {url!r} names no host; {example}"
+    if port is None and ":" in parts.netloc.rsplit("@", 1)[-1].strip("[]"):
+        return f"Redis URL {url!r} has an empty port; {example}"
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        return f"Redis URL {url!r}: the database after the host must be a number, not {db!r}"
+    return None
 
 
 class ControlConfig(_Section):
@@ -429,31 +477,198 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field."""
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (one, or each member of a typed variant)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _variants(annotation: Any) -> dict[str, type[BaseModel]]:
+    """``type`` value -> model, when the annotation is a typed variant (else empty)."""
+    found: dict[str, type[BaseModel]] = {}
+    for m in _models_in(annotation):
+        field = m.model_fields.get("type")
+        if field is None:
+            continue
+        for value in typing.get_args(field.annotation):
+            found[str(value)] = m
+    return found if len(set(found.values())) > 1 else {}
+
+
+def _variant_of(variants: dict[str, type[BaseModel]], node: dict[str, Any], default: Any) -> str:
+    current = node.get("type")
+    if current is None and isinstance(default, BaseModel):
+        current = getattr(default, "type", None)
+    return str(current)
+
+
+def _model_at(tree: dict[str, Any], parts: list[str]) -> type[BaseModel] | None:
+    """The config model at a dotted path of ``tree`` (following each variant's ``type``)."""
+    model: type[BaseModel] = RunConfig
+    node: Any = tree
+    for part in parts:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+        models = _models_in(field.annotation)
+        if not models:
+            return None
+        variants = _variants(field.annotation)
+        if variants:
+            default = field.get_default(call_default_factory=True)
+            name = _variant_of(variants, node if isinstance(node, dict) else {}, default)
+            if name not in variants:
+                return None
+            model = variants[name]
+        else:
+            model = models[0]
+    return model
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
+    if close:
+        return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return ""
+
+
+def _format_validation_error(err: ValidationError, source: str, tree: dict[str, Any]) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {loc}: {e['msg']}")
+        # A typed variant's tag appears in the location (learner.loss.grpo.kappa): drop it.
+        loc = [str(p) for p in e["loc"]]
+        path: list[str] = []
+        model: type[BaseModel] | None = RunConfig
+        for p in loc:
+            if (
+                model is not None
+                and p not in model.model_fields
+                and path
+                and p in _variants(_field_annotation(path))
+            ):
+                continue
+            path.append(p)
+            model = _model_at(tree, path)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and path:
+            parent = _model_at(tree, path[:-1]) if len(path) > 1 else RunConfig
+            if parent is not None:
+                msg = f"unknown field{_did_you_mean(path[-1], list(parent.model_fields))}"
+                kind = getattr(tree_get(tree, path[:-1]), "get", lambda _k: None)("type")
+                if kind is not None:
+                    msg += f" (not a field of the {kind!r} variant)"
+        lines.append(f"  {'.'.join(path) or '<root>'}: {msg}")
     return "\n".join(lines)
 
 
-def apply_override(tree: dict[str, Any], dotted: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+def _field_annotation(path: list[str]) -> Any:
+    model: type[BaseModel] = RunConfig
+    annotation: Any = None
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        models = _models_in(annotation)
+        if not models:
+            return annotation
+        model = models[0]
+    return annotation
+
+
+def tree_get(tree: dict[str, Any], parts: list[str]) -> Any:
+    node: Any = tree
+    for part in parts:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def apply_override(
+    tree: dict[str, Any], dotted: str, *, set_by_overrides: set[str] | None = None
+) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML.
+
+    Setting a typed variant's ``type`` to another variant (``learner.loss.type=grpo``) switches
+    the variant: the old variant's fields are dropped, so the new one starts from its own
+    defaults; fields set by earlier overrides (``set_by_overrides``, dotted keys) are kept.
+    """
     if "=" not in dotted:
         raise ConfigError(f"override {dotted!r} must look like section.field=value")
     key, raw = dotted.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {dotted!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {dotted!r}: the value is not valid YAML ({e})") from None
+    model: type[BaseModel] | None = RunConfig
     node = tree
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
+        if model is not None and part not in model.model_fields:
+            raise ConfigError(
+                f"override {dotted!r}: {'.'.join(parts[: i + 1])!r} is not a config field"
+                f"{_did_you_mean(part, list(model.model_fields))}"
+            )
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+        model = _model_at(tree, parts[: i + 1])
+    last = parts[-1]
+    if model is not None and last not in model.model_fields:
+        variant = node.get("type")
+        raise ConfigError(
+            f"override {dotted!r}: {key.strip()!r} is not a config field"
+            f"{_did_you_mean(last, list(model.model_fields))}"
+            + (f" (not a field of the {variant!r} variant)" if variant else "")
+        )
+    if last == "type" and len(parts) > 1:
+        annotation = _field_annotation(parts[:-1])
+        variants = _variants(annotation)
+        if variants and value not in variants:
+            raise ConfigError(
+                f"override {dotted!r}: {'.'.join(parts[:-1])}.type must be one of "
+                f"{', '.join(sorted(variants))}{_did_you_mean(str(value), list(variants))}"
+            )
+        parent_model = _model_at(tree, parts[:-2]) if len(parts) > 2 else RunConfig
+        field = parent_model.model_fields.get(parts[-2]) if parent_model is not None else None
+        default = field.get_default(call_default_factory=True) if field is not None else None
+        if variants and _variant_of(variants, node, default) != str(value):
+            prefix = ".".join(parts[:-1]) + "."
+            kept = {
+                k: v
+                for k, v in node.items()
+                if set_by_overrides is not None and f"{prefix}{k}" in set_by_overrides
+            }
+            node.clear()
+            node.update(kept)
+    node[last] = value
+    if set_by_overrides is not None:
+        set_by_overrides.add(".".join(parts))
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with open(path) as f:  # a stream, so YAML errors name the file
+            return yaml.safe_load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -462,21 +677,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {path}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        loaded = _read_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         tree = loaded or {}
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    set_by_overrides: set[str] = set()
     for item in overrides or []:
-        apply_override(tree, item)
+        apply_override(tree, item, set_by_overrides=set_by_overrides)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(_format_validation_error(e, source, tree)) from None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -85,6 +85,7 @@ class ControlClient:
         tls_server_name: str | None = None,
         rpc_timeout_s: float = 10.0,
         host: str = "",
+        run_id: str = "",
     ) -> None:
         self.address = address if address is not None else config.learner_address
         self.generator_id = generator_id
@@ -95,6 +96,7 @@ class ControlClient:
             host=host,
             vocab_size=vocab_size,
             device=device,
+            run_id=run_id,
         )
         self._metadata = bearer_metadata(auth_token)
         self._retry_attempts = config.retry_attempts

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from lpreg_core.wire.lpreg.v1 import control_pb2, control_pb2_grpc
+from services.common.errors import InvalidArgument
 from services.learner.registry import GeneratorInfo, GeneratorRegistry
 
 
@@ -45,6 +46,11 @@ class LearnerControlServicer(control_pb2_grpc.LearnerControlServicer):
     def Register(
         self, request: control_pb2.RegisterRequest, context: grpc.ServicerContext
     ) -> control_pb2.RegisterResponse:
+        if request.run_id and request.run_id != self._run_id:
+            raise InvalidArgument(
+                f"generator {request.generator_id} is configured for run {request.run_id!r} but "
+                f"this learner runs {self._run_id!r}: give both the same run_id"
+            )
         info = self._registry.register(
             request.generator_id,
             request.backend,

@@ -29,8 +29,9 @@ from services.common.errors import InvalidArgument, Unavailable, UnknownGenerato
 
 logger = logging.getLogger(__name__)
 
-# Ids prefix Redis keys and label metrics, so they are kept to a safe alphabet.
-GENERATOR_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Ids prefix Redis keys and label metrics, so they are kept to a safe alphabet. \Z, not $: `$`
+# also matches before a final newline, which would let "gen-0\n" through.
+GENERATOR_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 # How often a blocked stream re-checks whether its RPC is still active: a cancelled Control call
 # frees its worker thread within this time.
 STREAM_POLL_S = 0.2

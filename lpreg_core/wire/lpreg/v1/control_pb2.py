@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lpreg/v1/control.proto\x12\x08lpreg.v1\"\x7f\n\x0fRegisterRequest\x12\x14\n\x0cgenerator_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"m\n\x10RegisterResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x03 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\"\x81\x01\n\x10HeartbeatRequest\x12\x14\n\x0cgenerator_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0eloaded_version\x18\x03 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\r\",\n\x11HeartbeatResponse\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\x04\":\n\x0e\x43ontrolRequest\x12\x14\n\x0cgenerator_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x8f\x01\n\tJoinGroup\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0brank_offset\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12\x12\n\nstore_host\x18\x04 \x01(\t\x12\x12\n\nstore_port\x18\x05 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\"g\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\r\n\x05numel\x18\x06 \x01(\x04\"E\n\x06\x42ucket\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05numel\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\x92\x01\n\x0eWeightManifest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12%\n\x07tensors\x18\x02 \x03(\x0b\x32\x14.lpreg.v1.TensorSpec\x12!\n\x07\x62uckets\x18\x03 \x03(\x0b\x32\x10.lpreg.v1.Bucket\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\"\\\n\x0ePublishWeights\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12*\n\x08manifest\x18\x03 \x01(\x0b\x32\x18.lpreg.v1.WeightManifest\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x9e\x01\n\x0c\x43ontrolEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12#\n\x04join\x18\x02 \x01(\x0b\x32\x13.lpreg.v1.JoinGroupH\x00\x12+\n\x07publish\x18\x03 \x01(\x0b\x32\x18.lpreg.v1.PublishWeightsH\x00\x12&\n\x08shutdown\x18\x04 \x01(\x0b\x32\x12.lpreg.v1.ShutdownH\x00\x42\x07\n\x05\x65vent\"\x8d\x01\n\x13WeightsLoadedReport\x12\x14\n\x0cgenerator_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x0e\n\x06load_s\x18\x05 \x01(\x01\x12\n\n\x02ok\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x1d\n\tReportAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\x8d\x01\n\x0fGeneratorStatus\x12\x14\n\x0cgenerator_id\x18\x01 \x01(\t\x12\x16\n\x0eloaded_version\x18\x02 \x01(\x04\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\x12\x0e\n\x06member\x18\x05 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\"\xf9\x01\n\x0eStatusResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12-\n\ngenerators\x18\x05 \x03(\x0b\x32\x19.lpreg.v1.GeneratorStatus\x12\x16\n\x0eprompts_issued\x18\x06 \x01(\x04\x12\x16\n\x0egroups_trained\x18\x07 \x01(\x04\x12\x1c\n\x14groups_dropped_stale\x18\x08 \x01(\x04\x12\x17\n\x0frollouts_in_dlq\x18\t \x01(\x04\x12\x0c\n\x04\x64one\x18\n \x01(\x08\x32\xe3\x02\n\x0eLearnerControl\x12\x41\n\x08Register\x12\x19.lpreg.v1.RegisterRequest\x1a\x1a.lpreg.v1.RegisterResponse\x12\x44\n\tHeartbeat\x12\x1a.lpreg.v1.HeartbeatRequest\x1a\x1b.lpreg.v1.HeartbeatResponse\x12=\n\x07\x43ontrol\x12\x18.lpreg.v1.ControlRequest\x1a\x16.lpreg.v1.ControlEvent0\x01\x12I\n\x13ReportWeightsLoaded\x12\x1d.lpreg.v1.WeightsLoadedReport\x1a\x13.lpreg.v1.ReportAck\x12>\n\tGetStatus\x12\x17.lpreg.v1.StatusRequest\x1a\x18.lpreg.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lpreg/v1/control.proto\x12\x08lpreg.v1\"\x8f\x01\n\x0fRegisterRequest\x12\x14\n\x0cgenerator_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0e\n\x06run_id\x18\x07 \x01(\t\"m\n\x10RegisterResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x03 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\"\x81\x01\n\x10HeartbeatRequest\x12\x14\n\x0cgenerator_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0eloaded_version\x18\x03 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x04 \x01(\x04\x12\x11\n\tin_flight\x18\x05 \x01(\r\",\n\x11HeartbeatResponse\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\x04\":\n\x0e\x43ontrolRequest\x12\x14\n\x0cgenerator_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x8f\x01\n\tJoinGroup\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0brank_offset\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12\x12\n\nstore_host\x18\x04 \x01(\t\x12\x12\n\nstore_port\x18\x05 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\"g\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\r\n\x05numel\x18\x06 \x01(\x04\"E\n\x06\x42ucket\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05numel\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\x92\x01\n\x0eWeightManifest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12%\n\x07tensors\x18\x02 \x03(\x0b\x32\x14.lpreg.v1.TensorSpec\x12!\n\x07\x62uckets\x18\x03 \x03(\x0b\x32\x10.lpreg.v1.Bucket\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\"\\\n\x0ePublishWeights\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12*\n\x08manifest\x18\x03 \x01(\x0b\x32\x18.lpreg.v1.WeightManifest\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x9e\x01\n\x0c\x43ontrolEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12#\n\x04join\x18\x02 \x01(\x0b\x32\x13.lpreg.v1.JoinGroupH\x00\x12+\n\x07publish\x18\x03 \x01(\x0b\x32\x18.lpreg.v1.PublishWeightsH\x00\x12&\n\x08shutdown\x18\x04 \x01(\x0b\x32\x12.lpreg.v1.ShutdownH\x00\x42\x07\n\x05\x65vent\"\x8d\x01\n\x13WeightsLoadedReport\x12\x14\n\x0cgenerator_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x0e\n\x06load_s\x18\x05 \x01(\x01\x12\n\n\x02ok\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x1d\n\tReportAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\x8d\x01\n\x0fGeneratorStatus\x12\x14\n\x0cgenerator_id\x18\x01 \x01(\t\x12\x16\n\x0eloaded_version\x18\x02 \x01(\x04\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\x12\x0e\n\x06member\x18\x05 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\"\xf9\x01\n\x0eStatusResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12-\n\ngenerators\x18\x05 \x03(\x0b\x32\x19.lpreg.v1.GeneratorStatus\x12\x16\n\x0eprompts_issued\x18\x06 \x01(\x04\x12\x16\n\x0egroups_trained\x18\x07 \x01(\x04\x12\x1c\n\x14groups_dropped_stale\x18\x08 \x01(\x04\x12\x17\n\x0frollouts_in_dlq\x18\t \x01(\x04\x12\x0c\n\x04\x64one\x18\n \x01(\x08\x32\xe3\x02\n\x0eLearnerControl\x12\x41\n\x08Register\x12\x19.lpreg.v1.RegisterRequest\x1a\x1a.lpreg.v1.RegisterResponse\x12\x44\n\tHeartbeat\x12\x1a.lpreg.v1.HeartbeatRequest\x1a\x1b.lpreg.v1.HeartbeatResponse\x12=\n\x07\x43ontrol\x12\x18.lpreg.v1.ControlRequest\x1a\x16.lpreg.v1.ControlEvent0\x01\x12I\n\x13ReportWeightsLoaded\x12\x1d.lpreg.v1.WeightsLoadedReport\x1a\x13.lpreg.v1.ReportAck\x12>\n\tGetStatus\x12\x17.lpreg.v1.StatusRequest\x1a\x18.lpreg.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lpreg.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERREQUEST']._serialized_start=36
-  _globals['_REGISTERREQUEST']._serialized_end=163
-  _globals['_REGISTERRESPONSE']._serialized_start=165
-  _globals['_REGISTERRESPONSE']._serialized_end=274
-  _globals['_HEARTBEATREQUEST']._serialized_start=277
-  _globals['_HEARTBEATREQUEST']._serialized_end=406
-  _globals['_HEARTBEATRESPONSE']._serialized_start=408
-  _globals['_HEARTBEATRESPONSE']._serialized_end=452
-  _globals['_CONTROLREQUEST']._serialized_start=454
-  _globals['_CONTROLREQUEST']._serialized_end=512
-  _globals['_JOINGROUP']._serialized_start=515
-  _globals['_JOINGROUP']._serialized_end=658
-  _globals['_TENSORSPEC']._serialized_start=660
-  _globals['_TENSORSPEC']._serialized_end=763
-  _globals['_BUCKET']._serialized_start=765
-  _globals['_BUCKET']._serialized_end=834
-  _globals['_WEIGHTMANIFEST']._serialized_start=837
-  _globals['_WEIGHTMANIFEST']._serialized_end=983
-  _globals['_PUBLISHWEIGHTS']._serialized_start=985
-  _globals['_PUBLISHWEIGHTS']._serialized_end=1077
-  _globals['_SHUTDOWN']._serialized_start=1079
-  _globals['_SHUTDOWN']._serialized_end=1105
-  _globals['_CONTROLEVENT']._serialized_start=1108
-  _globals['_CONTROLEVENT']._serialized_end=1266
-  _globals['_WEIGHTSLOADEDREPORT']._serialized_start=1269
-  _globals['_WEIGHTSLOADEDREPORT']._serialized_end=1410
-  _globals['_REPORTACK']._serialized_start=1412
-  _globals['_REPORTACK']._serialized_end=1441
-  _globals['_STATUSREQUEST']._serialized_start=1443
-  _globals['_STATUSREQUEST']._serialized_end=1458
-  _globals['_GENERATORSTATUS']._serialized_start=1461
-  _globals['_GENERATORSTATUS']._serialized_end=1602
-  _globals['_STATUSRESPONSE']._serialized_start=1605
-  _globals['_STATUSRESPONSE']._serialized_end=1854
-  _globals['_LEARNERCONTROL']._serialized_start=1857
-  _globals['_LEARNERCONTROL']._serialized_end=2212
+  _globals['_REGISTERREQUEST']._serialized_start=37
+  _globals['_REGISTERREQUEST']._serialized_end=180
+  _globals['_REGISTERRESPONSE']._serialized_start=182
+  _globals['_REGISTERRESPONSE']._serialized_end=291
+  _globals['_HEARTBEATREQUEST']._serialized_start=294
+  _globals['_HEARTBEATREQUEST']._serialized_end=423
+  _globals['_HEARTBEATRESPONSE']._serialized_start=425
+  _globals['_HEARTBEATRESPONSE']._serialized_end=469
+  _globals['_CONTROLREQUEST']._serialized_start=471
+  _globals['_CONTROLREQUEST']._serialized_end=529
+  _globals['_JOINGROUP']._serialized_start=532
+  _globals['_JOINGROUP']._serialized_end=675
+  _globals['_TENSORSPEC']._serialized_start=677
+  _globals['_TENSORSPEC']._serialized_end=780
+  _globals['_BUCKET']._serialized_start=782
+  _globals['_BUCKET']._serialized_end=851
+  _globals['_WEIGHTMANIFEST']._serialized_start=854
+  _globals['_WEIGHTMANIFEST']._serialized_end=1000
+  _globals['_PUBLISHWEIGHTS']._serialized_start=1002
+  _globals['_PUBLISHWEIGHTS']._serialized_end=1094
+  _globals['_SHUTDOWN']._serialized_start=1096
+  _globals['_SHUTDOWN']._serialized_end=1122
+  _globals['_CONTROLEVENT']._serialized_start=1125
+  _globals['_CONTROLEVENT']._serialized_end=1283
+  _globals['_WEIGHTSLOADEDREPORT']._serialized_start=1286
+  _globals['_WEIGHTSLOADEDREPORT']._serialized_end=1427
+  _globals['_REPORTACK']._serialized_start=1429
+  _globals['_REPORTACK']._serialized_end=1458
+  _globals['_STATUSREQUEST']._serialized_start=1460
+  _globals['_STATUSREQUEST']._serialized_end=1475
+  _globals['_GENERATORSTATUS']._serialized_start=1478
+  _globals['_GENERATORSTATUS']._serialized_end=1619
+  _globals['_STATUSRESPONSE']._serialized_start=1622
+  _globals['_STATUSRESPONSE']._serialized_end=1871
+  _globals['_LEARNERCONTROL']._serialized_start=1874
+  _globals['_LEARNERCONTROL']._serialized_end=2229
 # @@protoc_insertion_point(module_scope)

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("generator_id", "backend", "num_workers", "host", "vocab_size", "device")
+    __slots__ = ("generator_id", "backend", "num_workers", "host", "vocab_size", "device", "run_id")
     GENERATOR_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     generator_id: str
     backend: str
     num_workers: int
     host: str
     vocab_size: int
     device: str
-    def __init__(self, generator_id: _Optional[str] = ..., backend: _Optional[str] = ..., num_workers: _Optional[int] = ..., host: _Optional[str] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    run_id: str
+    def __init__(self, generator_id: _Optional[str] = ..., backend: _Optional[str] = ..., num_workers: _Optional[int] = ..., host: _Optional[str] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("session_id", "run_id", "current_version", "heartbeat_interval_s")
