@@ -109,20 +109,44 @@ def stats_inplace(
     if temperature == 1.0:
         keep, num_kept, token_kept = kept_mask(logits)
 
-    filtered_logit = FILTERED_LOGIT / temperature
     kept_mass = keep.mul_(work).sum(dim=-1)
-    num_filtered = vocab - num_kept
+    proxy_log_probs = proxy_from_kept_set(
+        lse=lse,
+        token_logit=token_logit,
+        log_kept_mass=lse + kept_mass.log(),
+        num_filtered=vocab - num_kept,
+        token_kept=token_kept,
+        temperature=temperature,
+    )
+    return RowStats(log_probs, entropy, lse, proxy_log_probs, num_kept.round().long())
+
+
+def proxy_from_kept_set(
+    *,
+    lse: Tensor,
+    token_logit: Tensor,
+    log_kept_mass: Tensor,
+    num_filtered: Tensor,
+    token_kept: Tensor,
+    temperature: float,
+) -> Tensor:
+    """log pi_proxy(o_t) from the kept set's log-mass at T: log sum_{v kept} exp(z_v / T).
+
+    The filtered logits (-1e4 / T each, num_filtered of them) join the normaliser as the
+    reference's log-softmax of the filtered logits has them; token_logit is z_o / T. All (R,).
+    """
+    filtered_logit = FILTERED_LOGIT / temperature
     # With nothing filtered the proxy is the policy itself: reuse lse so that on-policy
     # log_probs == proxy_log_probs bitwise and the strict "<" of the selection never fires.
     proxy_lse = torch.where(
         num_filtered == 0,
         lse,
-        torch.logaddexp(lse + kept_mass.log(), filtered_logit + num_filtered.log()),
+        torch.logaddexp(log_kept_mass, filtered_logit + num_filtered.log()),
     )
     proxy_token_logit = torch.where(
         token_kept, token_logit, torch.full_like(token_logit, filtered_logit)
     )
-    return RowStats(log_probs, entropy, lse, proxy_token_logit - proxy_lse, num_kept.round().long())
+    return proxy_token_logit - proxy_lse
 
 
 def stats_no_grad(

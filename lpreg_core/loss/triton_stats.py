@@ -14,8 +14,7 @@ logits tile computed by tl.dot with float32 accumulation (bf16 operands on GPU):
                 {v : exp(z_v - M) >= kappa S1} ("fixed": p(v) >= kappa, at T = 1),
             its mass sum_{v in K} exp((z_v - M) / T) and its size; two passes because K depends
             on the final max
-    proxy   as lpreg_core.loss.stats.stats_inplace: logaddexp of the kept mass and the -1e4 / T
-            filtered logits, the token's filtered logit when it is not kept; a constant
+    proxy   lpreg_core.loss.stats.proxy_from_kept_set, as on the chunked path; a constant
 backward, per vocabulary block (as many elements as chunk_size rows of logits): a kernel
 recomputes the logits tile and writes d loss / d z in place of it,
     d log p(o) / dz = (onehot(o) - p) / T,   d H / dz = -p (log p + H) / T,
@@ -36,7 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lpreg_core.loss.numerics import FILTERED_LOGIT, compute_dtype
+from lpreg_core.loss.numerics import compute_dtype
+from lpreg_core.loss.stats import proxy_from_kept_set
 from lpreg_core.loss_config import ProxyFilter
 
 __all__ = ["TritonBlocks", "TritonTokenStats", "interpreting"]
@@ -395,22 +395,14 @@ class TritonTokenStats(torch.autograd.Function):
                     **launch,
                 )  # fmt: skip
             keep_count = kept_count.sum(dim=0, dtype=torch.long)
-            num_filtered = vocab - keep_count
-            filtered_logit = FILTERED_LOGIT / temperature
-            # As stats_inplace: with nothing filtered the proxy is the policy itself, bitwise.
-            proxy_lse = torch.where(
-                num_filtered == 0,
-                lse,
-                torch.logaddexp(
-                    row_max * inv_t + kept_sum.sum(dim=0).log(),
-                    filtered_logit + num_filtered.to(dtype).log(),
-                ),
+            proxy_log_probs = proxy_from_kept_set(
+                lse=lse,
+                token_logit=token_logit,
+                log_kept_mass=row_max * inv_t + kept_sum.sum(dim=0).log(),
+                num_filtered=(vocab - keep_count).to(dtype),
+                token_kept=(part_token.sum(dim=0) - row_max).exp() >= threshold,
+                temperature=temperature,
             )
-            token_kept = (part_token.sum(dim=0) - row_max).exp() >= threshold
-            proxy_token_logit = torch.where(
-                token_kept, token_logit, torch.full_like(token_logit, filtered_logit)
-            )
-            proxy_log_probs = proxy_token_logit - proxy_lse
             ctx.mark_non_differentiable(proxy_log_probs, keep_count)
         ctx.save_for_backward(hidden, weight, tokens, lse, entropy)
         ctx.temperature = temperature
