@@ -517,6 +517,7 @@ def _in_process_report(
     liger_reason: str | None,
 ) -> dict[str, Any]:
     train, proxy, peaks = report["train_pass_ms"], report["proxy_pass_ms"], report["peak_mem_bytes"]
+    step = {name: train[name] + proxy[name] for name in proxy}
     rows = min(args.n, _NUM_FLOAT64_ROWS)
     with torch.no_grad():
         logits = hidden.detach()[:rows].double() @ weight.detach().double().t()
@@ -578,15 +579,12 @@ def _in_process_report(
         "triton_ms": train.get("triton"),
         "liger_ms": train.get("liger"),
         "liger_reason": None if "liger" in train else liger_reason,
-        "step_ms": {k: train[k] + proxy[k] for k in proxy},
+        "step_ms": step,
         "proxy_pass_ms": proxy,
         "train_pass_ms": train,
         "time_ratio_triton_vs_naive": ratio(train.get("triton"), train.get("naive")),
         "time_ratio_triton_vs_liger": ratio(train.get("triton"), train.get("liger")),
-        "step_time_ratio_triton_vs_naive": ratio(
-            train.get("triton", 0.0) + proxy.get("triton", 0.0) if "triton" in train else None,
-            train["naive"] + proxy["naive"],
-        ),
+        "step_time_ratio_triton_vs_naive": ratio(step.get("triton"), step.get("naive")),
         "peak_mem_bytes": peaks,
         "peak_mem_ratio_triton_vs_naive": ratio(peak_of("triton"), peak_of("naive")),
         "peak_mem_ratio_triton_vs_liger": ratio(peak_of("triton"), peak_of("liger")),
