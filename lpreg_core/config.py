@@ -93,8 +93,16 @@ class SamplingConfig(_Section):
     num_samples: int = Field(
         8, ge=1, le=1024, description="Completions per prompt (GRPO group size)."
     )
-    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature.")
-    max_new_tokens: int = Field(8, ge=1, description="Maximum completion length in tokens.")
+    temperature: float = Field(
+        1.0,
+        ge=1e-3,
+        le=10.0,
+        description="Sampling temperature (generators refuse tasks below 1e-3, see "
+        "lpreg_core.rollout.MIN_TEMPERATURE).",
+    )
+    max_new_tokens: int = Field(
+        8, ge=1, le=1_000_000, description="Maximum completion length in tokens."
+    )
 
 
 class AdamWConfig(_Section):
@@ -111,13 +119,17 @@ class AdamWConfig(_Section):
 class OffPolicyConfig(_Section):
     """Correction for rollouts sampled by an older policy than the one being updated.
 
-    none: the ratio is taken against the proximal (step-start) policy only.
+    auto: decoupled when learner.max_staleness > 0, none when it is 0 (the synchronous setting).
+    none: the ratio is taken against the proximal (step-start) policy only; samples from an older
+    policy are trained uncorrected.
     tis: truncated importance sampling, per-token weight min(pi_prox / pi_behav, cap).
     decoupled: decoupled PPO (behaviour vs proximal policy); tokens whose weight exceeds cap are
     masked out instead of truncated.
     """
 
-    type: Literal["none", "tis", "decoupled"] = Field("none", description="Correction kind.")
+    type: Literal["auto", "none", "tis", "decoupled"] = Field(
+        "auto", description="Correction kind (auto: decoupled when max_staleness > 0)."
+    )
     cap: float = Field(2.0, gt=0.0, description="Importance-weight cap for tis / decoupled.")
 
 
@@ -145,6 +157,16 @@ class LearnerConfig(_Section):
         ge=0,
         description="Oldest policy lag (versions) a trained group may have. 0 = synchronous on-policy.",
     )
+    updates_per_step: int = Field(
+        1,
+        ge=1,
+        description="Optimiser updates per step: the step's groups are split into "
+        "updates_per_step / update_epochs mini-batches, each trained update_epochs times. Above 1 "
+        "the PPO ratio and clip (and Lp-Reg's KL) act against the step-start policy.",
+    )
+    update_epochs: int = Field(
+        1, ge=1, description="Passes over the step's mini-batches (divides updates_per_step)."
+    )
     advantage_mode: Literal["std", "no_std", "leave_one_out"] = Field(
         "std", description="GRPO advantage: (r-mean)/(std+1e-6), r-mean, or leave-one-out baseline."
     )
@@ -160,6 +182,15 @@ class LearnerConfig(_Section):
     )
     logit_chunk_size: int = Field(
         1024, ge=1, description="Tokens per chunk when computing log-probs over the vocabulary."
+    )
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Longest completion the learner trains on; longer ones are dead-lettered "
+        "unread (a step's memory and time grow with length squared). None = "
+        "sampling.max_new_tokens, which no honest generator exceeds; set it higher only to "
+        "keep groups of an earlier, longer max_new_tokens.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
@@ -194,6 +225,32 @@ class LearnerConfig(_Section):
     min_generators_timeout_s: float = Field(
         300.0, ge=0.0, description="Longest wait for min_generators at start-up."
     )
+
+    @property
+    def off_policy_type(self) -> str:
+        """The correction in force: ``off_policy.type`` with auto resolved."""
+        if self.off_policy.type != "auto":
+            return self.off_policy.type
+        return "decoupled" if self.max_staleness > 0 else "none"
+
+    @property
+    def num_mini_batches(self) -> int:
+        return self.updates_per_step // self.update_epochs
+
+    @model_validator(mode="after")
+    def _check_updates(self) -> LearnerConfig:
+        if self.updates_per_step % self.update_epochs:
+            raise ValueError(
+                f"learner.update_epochs ({self.update_epochs}) must divide "
+                f"learner.updates_per_step ({self.updates_per_step})"
+            )
+        if self.num_mini_batches > self.prompts_per_step:
+            raise ValueError(
+                f"learner.updates_per_step / update_epochs = {self.num_mini_batches} mini-batches "
+                f"but only learner.prompts_per_step = {self.prompts_per_step} groups per step"
+            )
+        return self
+
     exit_when_done: bool = Field(
         True,
         description="Exit after the last step. Set false where an exit means a restart (a "
@@ -293,6 +350,14 @@ class RedisConfig(_Section):
         0.25, gt=0.0, description="First retry delay (doubles each time)."
     )
     retry_backoff_max_s: float = Field(2.0, gt=0.0, description="Longest retry delay.")
+    outage_tolerance_s: float = Field(
+        120.0,
+        ge=60.0,
+        description="How long an operation keeps retrying (backoff capped at "
+        "retry_backoff_max_s) once Redis was reached: a restart or failover shorter than this "
+        "is ridden through. Only the first connection of a process gives up after "
+        "connect_retries.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -356,6 +421,14 @@ class ControlConfig(_Section):
         0.25, gt=0.0, description="First retry delay (doubles each time)."
     )
     retry_backoff_max_s: float = Field(2.0, gt=0.0, description="Longest retry delay.")
+    max_calls_per_peer: int = Field(
+        64,
+        ge=4,
+        le=4096,
+        description="Concurrent calls one peer address may hold on the learner (a generator "
+        "holds 3 at most: its Control stream, a heartbeat and one other); beyond it calls fail "
+        "with RESOURCE_EXHAUSTED. Generators sharing an address (local mode) share the cap.",
+    )
 
 
 class BroadcastConfig(_Section):
@@ -388,6 +461,13 @@ class BroadcastConfig(_Section):
     )
 
 
+LoggerName = Literal["tensorboard", "wandb", "mlflow"]
+
+
+def _default_loggers() -> list[LoggerName]:
+    return ["tensorboard"]
+
+
 class MetricsConfig(_Section):
     """Prometheus exposition."""
 
@@ -395,6 +475,12 @@ class MetricsConfig(_Section):
     learner_port: int = Field(9400, ge=0, le=65535, description="Learner /metrics port (0 = free).")
     generator_port: int = Field(
         9401, ge=0, le=65535, description="Generator /metrics port (0 = free)."
+    )
+    loggers: list[LoggerName] = Field(
+        default_factory=_default_loggers,
+        description="Where the learner also logs each step's scalars: tensorboard (event files "
+        "in RUN_DIR/tensorboard, served by `lpreg dashboard RUN_DIR`), wandb ($WANDB_PROJECT; "
+        "pip install wandb), mlflow ($MLFLOW_TRACKING_URI; pip install mlflow).",
     )
 
 
@@ -452,6 +538,13 @@ class RunConfig(_Section):
                 "sampling.num_samples must be >= 2 for group-normalised advantages "
                 "(or set learner.advantage_mode=no_std)"
             )
+        limit = self.learner.max_completion_tokens
+        if limit is not None and limit < self.sampling.max_new_tokens:
+            raise ValueError(
+                f"learner.max_completion_tokens ({limit}) is below sampling.max_new_tokens "
+                f"({self.sampling.max_new_tokens}): every completion that runs to the length "
+                "limit would be dead-lettered"
+            )
         if (self.control.tls_cert_file is None) != (self.control.tls_key_file is None):
             raise ValueError("control.tls_cert_file and control.tls_key_file must be set together")
         if self.model.dtype in ("bfloat16", "float16"):
@@ -469,6 +562,13 @@ class RunConfig(_Section):
         return self
 
     @property
+    def max_completion_tokens(self) -> int:
+        """The longest completion the learner accepts (learner.max_completion_tokens, else
+        sampling.max_new_tokens)."""
+        limit = self.learner.max_completion_tokens
+        return self.sampling.max_new_tokens if limit is None else limit
+
+    @property
     def stream_prefix(self) -> str:
         return f"lpreg:{self.run_id}"
 
@@ -477,22 +577,22 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field."""
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
+def models_in(annotation: Any) -> list[type[BaseModel]]:
     """The pydantic models an annotation can hold (one, or each member of a typed variant)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     origin = typing.get_origin(annotation)
     if origin is Annotated:
-        return _models_in(typing.get_args(annotation)[0])
+        return models_in(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
-        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
     return []
 
 
-def _variants(annotation: Any) -> dict[str, type[BaseModel]]:
+def variants_of(annotation: Any) -> dict[str, type[BaseModel]]:
     """``type`` value -> model, when the annotation is a typed variant (else empty)."""
     found: dict[str, type[BaseModel]] = {}
-    for m in _models_in(annotation):
+    for m in models_in(annotation):
         field = m.model_fields.get("type")
         if field is None:
             continue
@@ -517,10 +617,10 @@ def _model_at(tree: dict[str, Any], parts: list[str]) -> type[BaseModel] | None:
         if field is None:
             return None
         node = node.get(part, {}) if isinstance(node, dict) else {}
-        models = _models_in(field.annotation)
+        models = models_in(field.annotation)
         if not models:
             return None
-        variants = _variants(field.annotation)
+        variants = variants_of(field.annotation)
         if variants:
             default = field.get_default(call_default_factory=True)
             name = _variant_of(variants, node if isinstance(node, dict) else {}, default)
@@ -551,7 +651,7 @@ def _format_validation_error(err: ValidationError, source: str, tree: dict[str, 
                 model is not None
                 and p not in model.model_fields
                 and path
-                and p in _variants(_field_annotation(path))
+                and p in variants_of(_field_annotation(path))
             ):
                 continue
             path.append(p)
@@ -576,7 +676,7 @@ def _field_annotation(path: list[str]) -> Any:
         if field is None:
             return None
         annotation = field.annotation
-        models = _models_in(annotation)
+        models = models_in(annotation)
         if not models:
             return annotation
         model = models[0]
@@ -636,7 +736,7 @@ def apply_override(
         )
     if last == "type" and len(parts) > 1:
         annotation = _field_annotation(parts[:-1])
-        variants = _variants(annotation)
+        variants = variants_of(annotation)
         if variants and value not in variants:
             raise ConfigError(
                 f"override {dotted!r}: {'.'.join(parts[:-1])}.type must be one of "

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lpreg_core.config import RunConfig, dump_config
 from lpreg_core.data import make_source
@@ -28,6 +30,7 @@ from lpreg_core.weights import dtype_from_name
 from lpreg_core.wire.lpreg.v1 import control_pb2, rollout_pb2
 from services.common.auth import load_auth_token
 from services.common.env import redis_password, redis_url
+from services.common.loggers import make_loggers
 from services.common.metrics import serve_metrics
 from services.learner.checkpoint import FileCheckpointer, latest_checkpoint
 from services.learner.control import LearnerControlServicer, generator_status
@@ -100,6 +103,7 @@ def build_learner(config: RunConfig, *, resume: bool) -> tuple[LearnerLoop, dict
         password=redis_password(config.redis),
         url=redis_url(config.redis),
         on_dead_letter=lambda reason: metrics.dlq_entries.labels(reason=reason).inc(),
+        max_completion_tokens=config.max_completion_tokens,
     )
     sender = WeightSender(config.broadcast, device)
 
@@ -118,10 +122,28 @@ def build_learner(config: RunConfig, *, resume: bool) -> tuple[LearnerLoop, dict
     source = make_source(config.task)
     eval_problems = source.eval_problems(config.learner.eval_prompts)
     metrics_file = run_dir / "metrics.jsonl"
+    loggers = make_loggers(
+        config.metrics.loggers, run_dir, config.run_id, config.model_dump(mode="json")
+    )
 
     def on_record(record: dict[str, Any]) -> None:
         with open(metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
+        loggers.log_record(record)
+
+    def evaluate() -> float:
+        accuracy = greedy_accuracy(model, config, eval_problems)
+        if loop.state.step == 0:
+            # The accuracy before training is step 0 of the table, the plots and the dashboard.
+            on_record(
+                {
+                    "step": 0,
+                    "version": loop.state.version,
+                    "eval_accuracy": accuracy,
+                    "time": time.time(),
+                }
+            )
+        return accuracy
 
     loop = LearnerLoop(
         config,
@@ -139,7 +161,7 @@ def build_learner(config: RunConfig, *, resume: bool) -> tuple[LearnerLoop, dict
         source=source,
         metrics=metrics,
         vocab_size=vocab_size,
-        evaluate=lambda: greedy_accuracy(model, config, eval_problems),
+        evaluate=evaluate,
         on_record=on_record,
     )
     if resume:
@@ -149,7 +171,40 @@ def build_learner(config: RunConfig, *, resume: bool) -> tuple[LearnerLoop, dict
                 metrics.checkpoint_written(newest.stat().st_mtime)
         else:
             log.info("--resume: no checkpoint under %s; starting fresh", run_dir / "checkpoints")
-    return loop, {"model": model, "prom": prom, "sender": sender, "run_dir": run_dir}
+    return loop, {
+        "model": model,
+        "prom": prom,
+        "sender": sender,
+        "run_dir": run_dir,
+        "loggers": loggers,
+    }
+
+
+def save_final_model(model: Any, model_path: str, out: Path) -> None:
+    """A complete Hugging Face directory: weights, config, generation config and the tokenizer
+    of the starting model (without it AutoTokenizer would load an empty one)."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def completion_of(config: RunConfig, summary: dict[str, Any], signal_seen: int | None) -> None:
+    """Mark a summary finished or not, with the reason (an interrupted run must not look done)."""
+    done = summary["steps"] >= config.learner.steps
+    summary["completed"] = done
+    if done:
+        summary["reason"] = f"finished all {config.learner.steps} steps"
+    elif signal_seen is not None:
+        name = signal.Signals(signal_seen).name
+        summary["reason"] = (
+            f"stopped by {name} after step {summary['steps']} of {config.learner.steps}; "
+            "continue with --resume"
+        )
+    else:
+        summary["reason"] = f"stopped after step {summary['steps']} of {config.learner.steps}"
 
 
 def _observe_until_stopped(loop: LearnerLoop) -> None:
@@ -162,9 +217,11 @@ def _observe_until_stopped(loop: LearnerLoop) -> None:
 def run_learner(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     log.info("resolved config:\n%s", dump_config(config))
     loop, parts = build_learner(config, resume=resume)
+    signal_seen: dict[str, int] = {}
 
     def _graceful(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping after the current step", signum)
+        signal_seen.setdefault("signum", signum)
         loop.stop.set()
 
     signal.signal(signal.SIGTERM, _graceful)
@@ -195,7 +252,8 @@ def run_learner(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     observer.start()
     try:
         summary = loop.run()
-        parts["model"].save_pretrained(run_dir / "final_model")
+        completion_of(config, summary, signal_seen.get("signum"))
+        save_final_model(parts["model"], config.model.path, run_dir / "final_model")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         loop.metrics.set_run_complete()
         if not config.learner.exit_when_done and not loop.stop.is_set():
@@ -206,7 +264,19 @@ def run_learner(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         # Only a finished run tells generators to exit: a learner that crashes or is restarted
         # leaves them running, and they re-register with the next one.
         loop.registry.close("run complete")
+    except BaseException as e:
+        # A crash leaves a summary that says so (the launcher shows it); the error propagates.
+        failed = {
+            "run_id": config.run_id,
+            "steps": loop.state.step,
+            "policy_version": loop.state.version,
+            "completed": False,
+            "reason": f"learner failed at step {loop.state.step}: {type(e).__name__}: {e}",
+        }
+        (run_dir / "summary.json").write_text(json.dumps(failed, indent=2) + "\n")
+        raise
     finally:
+        parts["loggers"].close()
         server.stop(grace=2.0)
         loop.publisher.close()
         loop.transport.close()

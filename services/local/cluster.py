@@ -5,6 +5,7 @@ component can be started, killed and restarted on its own.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -25,6 +26,21 @@ log = logging.getLogger("lpreg.local")
 # SIGTERM first; whatever is still alive after this is killed.
 TERMINATE_GRACE_S = 10.0
 REDIS_START_TIMEOUT_S = 15.0
+
+
+# prctl(2) option: the signal a child gets when the thread that started it dies.
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a forked child before exec: SIGTERM me when the launcher dies, even by SIGKILL (Linux;
+    elsewhere the launcher's own Ctrl-C handling is all there is)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -77,9 +93,16 @@ class LocalCluster:
     def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
         out = open(self.logs / log_name, "ab")  # noqa: SIM115 - closed in stop_all
         self._files.append(out)
-        # A session of its own: Ctrl-C reaches only the launcher, which stops children in order.
+        # A session of its own: Ctrl-C reaches only the launcher, which stops children in order;
+        # a launcher that dies without stopping them (SIGKILL) takes them with it.
+        parent = os.getpid()
         return subprocess.Popen(
-            argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: die_with_parent(parent),
         )
 
     def _lpreg(self, *args: str, extra: list[str] | None = None) -> list[str]:
