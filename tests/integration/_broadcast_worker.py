@@ -5,16 +5,20 @@ is one JSON command; each produces one JSON line on stdout:
 
 - ``{"op": "join", "epoch", "rank", "world_size", "port", "timeout_s"}``
 - ``{"op": "receive", "manifest": <hex of control_pb2.WeightManifest>, "timeout_s",
-  "die_after_buckets": k, "close_after_buckets": k, "measure_rss": bool (all optional)}``:
-  receives bucket by bucket, hashing each tensor as it arrives and keeping none, and answers
+  "die_after_buckets": k, "close_after_buckets": k, "measure_rss": bool, "keep_tensors": bool
+  (all optional)}``: receives bucket by bucket, hashing each tensor as it arrives and keeping none
+  (``keep_tensors``: keeping all of them until the reply, as a whole-model receive would), and
+  answers
   ``{"ok", "checksum", "tensors": {name: [sha256 of the tensor's bytes, shape, dtype]},
-  "buckets_received", "peak_buffer_bytes", "live_buffer_bytes", "rss_peak_growth_bytes"}``
+  "buckets_received", "peak_buffer_bytes", "live_buffer_bytes", "rss_before_bytes",
+  "rss_peak_bytes"}``
   (with ``error`` and ``message`` when the stream failed). With ``die_after_buckets`` it
   SIGKILLs itself once k buckets arrived, mid-publish; with ``close_after_buckets`` it stops
   consuming there and closes the stream, which drains the rest of the publish. ``measure_rss``
-  restarts the kernel's peak-RSS counter first, so ``rss_peak_growth_bytes`` is the growth of
-  resident memory during this receive.
-- ``{"op": "leave"}``, ``{"op": "resources"}`` (open descriptors and threads), ``{"op": "exit"}``.
+  restarts the kernel's peak-RSS counter first, so ``rss_peak_bytes`` is the largest resident set
+  during this receive (``rss_before_bytes``: the resident set when it started).
+- ``{"op": "leave"}``, ``{"op": "resources"}`` (open descriptors, threads, resident set),
+  ``{"op": "exit"}``.
 
 Errors come back as ``{"ok": false, "error": <class name>, "message": ...}``.
 """
@@ -37,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lpreg_core.weights import manifest_from_proto  # noqa: E402
 from lpreg_core.wire.lpreg.v1 import control_pb2  # noqa: E402
 from services.weight_sync.group import BroadcastError  # noqa: E402
-from services.weight_sync.receiver import WeightReceiver  # noqa: E402
+from services.weight_sync.receiver import BucketStream, WeightReceiver  # noqa: E402
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -59,6 +63,30 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def consume(
+    stream: BucketStream,
+    die_after: int | None,
+    close_after: int | None,
+    kept: list[torch.Tensor] | None,
+) -> dict[str, list[Any]]:
+    """Load each tensor as it arrives (here: hash it); keep it only into ``kept``."""
+    tensors: dict[str, list[Any]] = {}
+    for name, tensor in stream:
+        tensors[name] = [
+            tensor_digest(tensor),
+            list(tensor.shape),
+            str(tensor.dtype).removeprefix("torch."),
+        ]
+        if kept is not None:
+            kept.append(tensor)
+        if die_after is not None and stream.num_buckets_received >= die_after:
+            # A crash in the middle of a publish, at a point the test controls.
+            os.kill(os.getpid(), signal.SIGKILL)
+        if close_after is not None and stream.num_buckets_received >= close_after:
+            break
+    return tensors
+
+
 def handle(receiver: WeightReceiver, command: dict[str, Any]) -> dict[str, Any]:
     op = command["op"]
     if op == "join":
@@ -77,23 +105,13 @@ def handle(receiver: WeightReceiver, command: dict[str, Any]) -> dict[str, Any]:
         manifest = manifest_from_proto(proto)
         die_after = command.get("die_after_buckets")
         close_after = command.get("close_after_buckets")
+        # Holds on to every tensor, as a whole-model receive would (the measurements' control).
+        kept: list[torch.Tensor] | None = [] if command.get("keep_tensors") else None
         if command.get("measure_rss"):
             reset_peak_rss()
         rss_before = rss_bytes("VmRSS")
-        tensors: dict[str, list[Any]] = {}
         with receiver.receive_buckets(manifest, "cpu", command["timeout_s"]) as stream:
-            # Loads each tensor as it arrives (here: hashes it) and keeps nothing.
-            for name, tensor in stream:
-                tensors[name] = [
-                    tensor_digest(tensor),
-                    list(tensor.shape),
-                    str(tensor.dtype).removeprefix("torch."),
-                ]
-                if die_after is not None and stream.num_buckets_received >= die_after:
-                    # A crash in the middle of a publish, at a point the test controls.
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if close_after is not None and stream.num_buckets_received >= close_after:
-                    break
+            tensors = consume(stream, die_after, close_after, kept)
         reply: dict[str, Any] = {
             "ok": stream.error is None,
             "version": manifest.version,
@@ -102,7 +120,8 @@ def handle(receiver: WeightReceiver, command: dict[str, Any]) -> dict[str, Any]:
             "buckets_received": stream.num_buckets_received,
             "peak_buffer_bytes": receiver.peak_buffer_bytes,
             "live_buffer_bytes": receiver.live_buffer_bytes,
-            "rss_peak_growth_bytes": rss_bytes("VmHWM") - rss_before,
+            "rss_before_bytes": rss_before,
+            "rss_peak_bytes": rss_bytes("VmHWM"),
         }
         if stream.error is not None:
             reply.update(error=type(stream.error).__name__, message=str(stream.error))
@@ -116,6 +135,7 @@ def handle(receiver: WeightReceiver, command: dict[str, Any]) -> dict[str, Any]:
             "fds": len(os.listdir("/proc/self/fd")),
             "threads": threading.active_count(),
             "os_threads": len(os.listdir("/proc/self/task")),
+            "rss_bytes": rss_bytes("VmRSS"),
         }
     raise ValueError(f"unknown op {op!r}")
 
