@@ -29,13 +29,39 @@ from lpreg_core.wire.lpreg.v1 import rollout_pb2
 SCHEMA_VERSION: Final = 1
 
 # Why an entry was dead-lettered; services/common/metrics.DLQ_REASONS labels the counter with these.
-DLQ_REASONS: Final = ("decode", "schema_version", "validate", "too_large")
+# "unexpected": well formed but not what was asked for (a task never issued or already done, a
+# version from the future, the wrong group size or length).
+DLQ_REASONS: Final = ("decode", "schema_version", "validate", "too_large", "unexpected")
 
 # log_softmax rounding can give the most likely token a log-probability a hair above 0; anything
 # larger means the producer sent probabilities, logits or garbage instead of log-probabilities.
 LOGPROB_POSITIVE_TOLERANCE: Final = 1e-3
 
 DEFAULT_MAX_TOKENS: Final = 1_000_000
+
+# Bounds on what a stream entry may ask for or claim. Each one keeps a forged or corrupt entry
+# from crashing, stalling or skewing whoever trains or samples on it; legitimate values sit far
+# inside them.
+# Policy versions become int64 tensors (and Redis integers): 2**63 and above overflow.
+MAX_VERSION: Final = 2**63 - 1
+# data_index is turned back into a prompt position (int64 as well).
+MAX_DATA_INDEX: Final = 2**63 - 1
+# Verifier rewards are O(1); a bound keeps group means, advantages and the reward metrics finite
+# (float32 rewards near 3e38 overflow to inf as soon as two are added).
+MAX_ABS_REWARD: Final = 1e6
+# Completions per group (sampling.num_samples has the same bound): cost and memory per entry.
+MAX_COMPLETIONS: Final = 1024
+# Smallest log-probability of a sampled token. Generators sample from float32 probabilities;
+# one below e^-80 (1.8e-35, near float32's smallest normal number e^-87.3) is drawn with odds
+# under 1e-29 per token, so a lower value is not a sampled token. It also keeps the learner's
+# importance weight pi_prox / pi_behav = exp(proximal - behaviour) <= e^80, finite in float32.
+LOGPROB_FLOOR: Final = -80.0
+# Sampling temperatures a generator accepts: below 1e-3 the logits / T division overflows or
+# rounds to a zero temperature; above 100 the distribution is uniform noise.
+MIN_TEMPERATURE: Final = 1e-3
+MAX_TEMPERATURE: Final = 100.0
+# max_new_tokens a task may ask for (sampling.max_new_tokens has the same bound).
+MAX_NEW_TOKENS: Final = 1_000_000
 
 _FINISH_REASONS: Final = frozenset(rollout_pb2.FinishReason.values())
 
@@ -116,17 +142,35 @@ def _check_run_id(actual: str, expected: str | None, what: str) -> None:
 
 
 def validate_task(task: rollout_pb2.PromptTask, *, run_id: str | None = None) -> None:
-    """Raise InvalidEntry unless ``task`` is a prompt task a generator can act on."""
+    """Raise InvalidEntry unless ``task`` is a prompt task a generator can act on: schema
+    version, ids, run id (when given), 1..MAX_COMPLETIONS samples, 1..MAX_NEW_TOKENS new tokens,
+    a temperature in [MIN_TEMPERATURE, MAX_TEMPERATURE], int64 data_index and issue_version, a
+    finite issued_at."""
     _check_schema_version(task.schema_version, "prompt task")
     _require_ids(task, ("run_id", "task_id", "prompt_id"), "prompt task")
     what = f"prompt task {task.task_id!r}"
     _check_run_id(task.run_id, run_id, what)
-    if task.num_samples < 1:
-        raise InvalidEntry("validate", f"{what} asks for {task.num_samples} samples")
-    if task.max_new_tokens < 1:
-        raise InvalidEntry("validate", f"{what} has max_new_tokens {task.max_new_tokens}")
-    if not (math.isfinite(task.temperature) and task.temperature > 0.0):
-        raise InvalidEntry("validate", f"{what} has temperature {task.temperature}")
+    if not 1 <= task.num_samples <= MAX_COMPLETIONS:
+        raise InvalidEntry(
+            "validate", f"{what} asks for {task.num_samples} samples, not 1..{MAX_COMPLETIONS}"
+        )
+    if not 1 <= task.max_new_tokens <= MAX_NEW_TOKENS:
+        raise InvalidEntry(
+            "validate",
+            f"{what} has max_new_tokens {task.max_new_tokens}, not 1..{MAX_NEW_TOKENS}",
+        )
+    # NaN fails both comparisons.
+    if not MIN_TEMPERATURE <= task.temperature <= MAX_TEMPERATURE:
+        raise InvalidEntry(
+            "validate",
+            f"{what} has temperature {task.temperature}, not {MIN_TEMPERATURE}..{MAX_TEMPERATURE}",
+        )
+    if task.data_index > MAX_DATA_INDEX or task.issue_version > MAX_VERSION:
+        raise InvalidEntry(
+            "validate",
+            f"{what} has data_index {task.data_index} / issue_version {task.issue_version} "
+            "beyond int64",
+        )
     if not math.isfinite(task.issued_at):
         raise InvalidEntry("validate", f"{what} has issued_at {task.issued_at}")
 
@@ -152,10 +196,16 @@ def _check_token_ids(ids: np.ndarray, vocab_size: int | None, what: str) -> None
         )
 
 
-def _validate_completion(c: rollout_pb2.Completion, vocab_size: int | None, what: str) -> None:
+def _validate_completion(
+    c: rollout_pb2.Completion, vocab_size: int | None, max_completion_tokens: int, what: str
+) -> None:
     num_tokens = len(c.token_ids)
     if num_tokens == 0:
         raise InvalidEntry("validate", f"{what} has no tokens")
+    if num_tokens > max_completion_tokens:
+        raise InvalidEntry(
+            "too_large", f"{what} has {num_tokens} tokens, limit {max_completion_tokens}"
+        )
     if len(c.logprobs) != num_tokens or len(c.versions) != num_tokens:
         raise InvalidEntry(
             "validate",
@@ -170,13 +220,23 @@ def _validate_completion(c: rollout_pb2.Completion, vocab_size: int | None, what
         raise InvalidEntry(
             "validate", f"{what} has logprob {float(logprobs.max())} > 0 (not a log-probability)"
         )
+    if float(logprobs.min()) < LOGPROB_FLOOR:
+        raise InvalidEntry(
+            "validate",
+            f"{what} has logprob {float(logprobs.min())} < {LOGPROB_FLOOR} (not a sampled token)",
+        )
     versions = np.fromiter(c.versions, dtype=np.uint64, count=num_tokens)
+    if int(versions.max()) > MAX_VERSION:
+        raise InvalidEntry(
+            "validate", f"{what} has policy version {int(versions.max())} > {MAX_VERSION}"
+        )
     if num_tokens > 1 and not (versions[1:] >= versions[:-1]).all():
         raise InvalidEntry(
             "validate", f"{what} has policy versions that decrease along the sequence"
         )
-    if not math.isfinite(c.reward):
-        raise InvalidEntry("validate", f"{what} has reward {c.reward}")
+    # NaN fails the comparison.
+    if not abs(c.reward) <= MAX_ABS_REWARD:
+        raise InvalidEntry("validate", f"{what} has reward {c.reward}, |r| > {MAX_ABS_REWARD}")
     if c.finish_reason not in _FINISH_REASONS:
         raise InvalidEntry("validate", f"{what} has unknown finish_reason {c.finish_reason}")
 
@@ -187,16 +247,23 @@ def validate_group(
     vocab_size: int | None,
     run_id: str | None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_completion_tokens: int | None = None,
 ) -> None:
     """Raise InvalidEntry unless ``group`` is safe to train on.
 
     Checks: schema version; non-empty run/rollout/task/prompt/generator ids; ``run_id`` match (when
     given); the group's vocab_size equals ``vocab_size`` and every prompt and completion token id is
-    below it (when given); at least one prompt token and one completion; per completion at least
-    one token and as many logprobs and versions as tokens, finite logprobs <= 0 (up to
-    LOGPROB_POSITIVE_TOLERANCE), versions non-decreasing along the sequence (weights may change
-    mid-sequence, never backwards), a finite reward and a known finish reason; finite timings;
-    at most ``max_tokens`` tokens in all (prompt + completions), else reason ``too_large``.
+    below it (when given); at least one prompt token and 1..MAX_COMPLETIONS completions; per
+    completion at least one token and as many logprobs and versions as tokens, logprobs in
+    [LOGPROB_FLOOR, 0] (up to LOGPROB_POSITIVE_TOLERANCE), versions <= MAX_VERSION and
+    non-decreasing along the sequence (weights may change mid-sequence, never backwards), a reward
+    with |r| <= MAX_ABS_REWARD and a known finish reason; data_index and issue_version <= int64;
+    finite timings; at most ``max_tokens`` tokens in all (prompt + completions) and at most
+    ``max_completion_tokens`` per completion (when given), else reason ``too_large``.
+
+    These bounds are what the learner's batch building relies on (int64 versions, finite
+    float32 rewards and log-probs, padded width <= max_completion_tokens): a group that passes
+    cannot crash it.
 
     Versions are not compared with issue_version: a generator may legitimately sample with weights
     older than the version current at issue time.
@@ -217,6 +284,16 @@ def validate_group(
         raise InvalidEntry("validate", f"{what} has no prompt tokens")
     if not group.completions:
         raise InvalidEntry("validate", f"{what} has no completions")
+    if len(group.completions) > MAX_COMPLETIONS:
+        raise InvalidEntry(
+            "too_large", f"{what} has {len(group.completions)} completions, limit {MAX_COMPLETIONS}"
+        )
+    if group.data_index > MAX_DATA_INDEX or group.issue_version > MAX_VERSION:
+        raise InvalidEntry(
+            "validate",
+            f"{what} has data_index {group.data_index} / issue_version {group.issue_version} "
+            "beyond int64",
+        )
     num_tokens = num_prompt + sum(len(c.token_ids) for c in group.completions)
     if num_tokens > max_tokens:
         raise InvalidEntry("too_large", f"{what} has {num_tokens} tokens, limit {max_tokens}")
@@ -225,8 +302,9 @@ def validate_group(
         vocab_size,
         f"{what} prompt",
     )
+    per_completion = max_tokens if max_completion_tokens is None else max_completion_tokens
     for i, completion in enumerate(group.completions):
-        _validate_completion(completion, vocab_size, f"{what} completion {i}")
+        _validate_completion(completion, vocab_size, per_completion, f"{what} completion {i}")
     t = group.timings
     for name, value in (
         ("timings.queue_s", t.queue_s),
@@ -245,12 +323,19 @@ def decode_group(
     vocab_size: int | None,
     run_id: str | None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_completion_tokens: int | None = None,
 ) -> rollout_pb2.RolloutGroup:
     """Decode and validate a rollout group (see validate_group); raises only InvalidEntry."""
     raw = _as_bytes(data, max_bytes)
     group = rollout_pb2.RolloutGroup()
     _parse(group, raw)
-    validate_group(group, vocab_size=vocab_size, run_id=run_id, max_tokens=max_tokens)
+    validate_group(
+        group,
+        vocab_size=vocab_size,
+        run_id=run_id,
+        max_tokens=max_tokens,
+        max_completion_tokens=max_completion_tokens,
+    )
     return group
 
 

@@ -50,6 +50,29 @@ class Delivery(Generic[T]):
 
 
 @dataclass(frozen=True)
+class IssuedTask:
+    """What the learner asked for, recorded with the task when it was issued: a group is checked
+    against it before it is trained (nothing from the streams is trusted blindly)."""
+
+    data_index: int
+    num_samples: int
+    max_new_tokens: int
+    issue_version: int
+
+    def encode(self) -> str:
+        return f"{self.data_index},{self.num_samples},{self.max_new_tokens},{self.issue_version}"
+
+    @classmethod
+    def decode(cls, raw: str) -> IssuedTask:
+        a, b, c, d = (int(x) for x in raw.split(","))
+        return cls(a, b, c, d)
+
+    @classmethod
+    def of(cls, task: rollout_pb2.PromptTask) -> IssuedTask:
+        return cls(task.data_index, task.num_samples, task.max_new_tokens, task.issue_version)
+
+
+@dataclass(frozen=True)
 class DeadLetter:
     """An entry of the dead-letter stream."""
 
@@ -81,8 +104,16 @@ class TaskQueue(Protocol):
         *,
         ledger: Mapping[str, int] | None = None,
     ) -> list[str]:
-        """Append tasks (all or none) and add ``ledger`` increments in the same transaction;
-        returns the tasks' entry ids in order."""
+        """Append tasks (all or none), record each as issued (``issued_tasks``), and add
+        ``ledger`` increments, in one transaction; returns the tasks' entry ids in order."""
+        ...
+
+    def issued_tasks(self, task_ids: Sequence[str]) -> dict[str, IssuedTask]:
+        """The issued, not yet retired tasks among ``task_ids``."""
+        ...
+
+    def num_issued(self) -> int:
+        """Tasks issued and not yet retired: the outstanding work admission counts."""
         ...
 
     def read_tasks(self, count: int, block_ms: int) -> list[Delivery[rollout_pb2.PromptTask]]:
@@ -115,8 +146,15 @@ class RolloutStream(Protocol):
         """Up to ``count`` validated groups; the first call replays this consumer's un-acked ones."""
         ...
 
-    def ack_groups(self, entry_ids: Sequence[str]) -> int:
-        """Ack groups whose update is durable; returns how many were pending."""
+    def ack_groups(self, entry_ids: Sequence[str], *, retire: Sequence[str] = ()) -> int:
+        """Ack groups whose update is durable and retire the tasks ``retire`` names (they are no
+        longer outstanding), in one transaction; returns how many groups were pending."""
+        ...
+
+    def dead_letter(
+        self, raw: bytes, *, source: str, reason: str, detail: str, entry_id: str
+    ) -> str:
+        """Record an entry in the dead-letter stream; returns its id."""
         ...
 
 

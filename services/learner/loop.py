@@ -27,7 +27,7 @@ from lpreg_core.config import RunConfig
 from lpreg_core.data import PromptSource
 from lpreg_core.rollout import SCHEMA_VERSION, group_policy_versions
 from lpreg_core.staleness import StalenessPolicy, staleness
-from lpreg_core.transport import LearnerTransport
+from lpreg_core.transport import IssuedTask, LearnerTransport
 from lpreg_core.weight_sync import WeightPublisher
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
 from services.learner.metrics import LearnerMetrics
@@ -159,10 +159,9 @@ class LearnerLoop:
         self.policy = StalenessPolicy(config.learner.prompts_per_step, config.learner.max_staleness)
         self.state = LoopState()
         self.stop = threading.Event()
-        # Entry ids of groups trained (or seen twice) since the last checkpoint.
-        self.pending_acks: list[str] = []
-        # Prompt groups issued and not yet trained, dropped or dead-lettered (admission's count).
-        self.outstanding = 0
+        # (entry id, task id) of groups trained since the last checkpoint; task id None for a
+        # duplicate (nothing to retire).
+        self.pending_acks: list[tuple[str, str | None]] = []
         self.resumed = False
         self._observed_generators: set[str] = set()
         self._observed_lock = threading.Lock()
@@ -193,7 +192,6 @@ class LearnerLoop:
             )
             s.version = published + 1
         self.transport.set_version(s.version)
-        self._resync_outstanding()
         self.metrics.policy_version.set(s.version)
         self.metrics.max_staleness.set(self.policy.max_staleness)
 
@@ -213,14 +211,8 @@ class LearnerLoop:
         s.issued_fresh = ledger.get("issued_fresh", 0)
         s.counters["prompts_issued"] = ledger.get("prompts_issued", 0)
         s.counters["groups_dropped_stale"] = ledger.get("groups_dropped_stale", 0)
+        s.counters["groups_dead_lettered"] = ledger.get("groups_dead_lettered", 0)
         log.info("issuer state from the transport: %s", ledger)
-
-    def _resync_outstanding(self) -> None:
-        """Count outstanding work from the streams themselves (after a restart, and at each
-        checkpoint so an entry that could not even be decoded does not hold a slot for ever)."""
-        backlog = self.transport.backlog()
-        # Groups trained but not yet acked are still in the rollouts backlog, yet done with.
-        self.outstanding = max(0, sum(backlog.values()) - len(self.pending_acks))
 
     def wait_for_generators(self) -> None:
         want = self.config.learner.min_generators
@@ -258,13 +250,17 @@ class LearnerLoop:
             max_new_tokens=s.max_new_tokens,
         )
 
-    def issue(self, reissue: list[int] | None = None) -> int:
-        """Re-issue dropped prompts and issue new ones up to the admission limit; returns how
-        many tasks went out. The ledger moves in the same transaction, so a restarted learner
-        neither loses nor repeats a data position."""
+    def issue(
+        self, reissue: list[int] | None = None, *, retiring: int = 0, dead_lettered: int = 0
+    ) -> int:
+        """Re-issue prompts whose groups were dropped or dead-lettered, and issue new ones up to
+        the admission limit; returns how many tasks went out. ``retiring`` tasks are about to be
+        retired (their groups are resolved but not yet acked). The ledger moves in the same
+        transaction, so a restarted learner neither loses nor repeats a data position."""
         reissue = reissue or []
         s = self.state
-        n = self.policy.num_to_issue(self.outstanding + len(reissue))
+        outstanding = self.transport.num_issued() - self._resolved_unacked() - retiring
+        n = self.policy.num_to_issue(max(0, outstanding) + len(reissue))
         indices = range(s.next_data_index, s.next_data_index + n)
         tasks = [self._task(i) for i in [*reissue, *indices]]
         if not tasks:
@@ -273,22 +269,51 @@ class LearnerLoop:
             "prompts_issued": len(tasks),
             "next_data_index": n,
             "issued_fresh": n,
-            "groups_dropped_stale": len(reissue),
+            "groups_dropped_stale": len(reissue) - dead_lettered,
+            "groups_dead_lettered": dead_lettered,
         }
         self.transport.issue_tasks(tasks, ledger=ledger)
         s.next_data_index += n
         s.issued_fresh += n
-        self.outstanding += len(tasks)
         s.counters["prompts_issued"] += len(tasks)
-        s.counters["groups_dropped_stale"] += len(reissue)
+        s.counters["groups_dropped_stale"] += len(reissue) - dead_lettered
+        s.counters["groups_dead_lettered"] = (
+            s.counters.get("groups_dead_lettered", 0) + dead_lettered
+        )
         self.metrics.prompts_issued.inc(len(tasks))
-        self.metrics.groups_dropped_stale.inc(len(reissue))
+        self.metrics.groups_dropped_stale.inc(len(reissue) - dead_lettered)
         return len(tasks)
+
+    def _resolved_unacked(self) -> int:
+        """Groups trained (their tasks resolved) whose ack and retirement wait for a checkpoint."""
+        return sum(1 for _, task_id in self.pending_acks if task_id is not None)
+
+    @property
+    def outstanding(self) -> int:
+        """Prompt groups issued and not yet trained, dropped or dead-lettered."""
+        return max(0, self.transport.num_issued() - self._resolved_unacked())
+
+    def _unexpected(self, g: rollout_pb2.RolloutGroup, issued: IssuedTask | None) -> str | None:
+        """Why a well-formed group is not what the learner asked for, or None."""
+        if issued is None:
+            return f"task {g.task_id!r} was never issued by this run or is already done"
+        if g.data_index != issued.data_index:
+            return f"data_index {g.data_index}, but the task was issued for {issued.data_index}"
+        if len(g.completions) != issued.num_samples:
+            return f"{len(g.completions)} completions; the task asked for {issued.num_samples}"
+        longest = max((len(c.token_ids) for c in g.completions), default=0)
+        if longest > issued.max_new_tokens:
+            return f"a completion of {longest} tokens; the task allowed {issued.max_new_tokens}"
+        _, newest = group_policy_versions(g)
+        if newest > self.state.version:
+            return f"tokens of policy version {newest}, ahead of the learner's {self.state.version}"
+        return None
 
     # -- rollouts -----------------------------------------------------------------------------
     def collect(self) -> list[rollout_pb2.RolloutGroup]:
-        """Block until prompts_per_step fresh groups are in (or stop); drop and re-issue stale
-        ones; count duplicates (a replay of a group already trained) and ack them with the rest."""
+        """Block until prompts_per_step fresh groups are in (or stop). Groups that are not what
+        was issued are dead-lettered, stale ones dropped; both have their prompts re-issued.
+        Duplicates (a replay of a group already trained) are acked with the rest."""
         need = self.config.learner.prompts_per_step
         groups: list[rollout_pb2.RolloutGroup] = []
         seen: set[str] = set()
@@ -298,29 +323,58 @@ class LearnerLoop:
                 deliveries = self.transport.read_groups(
                     need - len(groups), self.config.redis.block_ms, vocab_size=self.vocab_size
                 )
+            issued = self.transport.issued_tasks([d.value.task_id for d in deliveries])
             reissue: list[int] = []
-            dropped: list[str] = []
+            done: list[str] = []  # entries acked now: dropped or dead-lettered
+            retire: list[str] = []
+            dead = 0
             for d in deliveries:
                 g = d.value
                 if g.task_id in self.state.trained_tasks or g.task_id in seen:
                     self.metrics.groups_duplicate.inc()
-                    self.pending_acks.append(d.entry_id)
+                    self.pending_acks.append((d.entry_id, None))
                     continue
-                self.outstanding = max(0, self.outstanding - 1)
+                info = issued.get(g.task_id)
+                problem = self._unexpected(g, info)
+                if problem is not None:
+                    self.transport.dead_letter(
+                        g.SerializeToString(),
+                        source="rollouts",
+                        reason="unexpected",
+                        detail=f"{problem} (issued={info is not None})",
+                        entry_id=d.entry_id,
+                    )
+                    done.append(d.entry_id)
+                    if info is not None:  # an issued prompt is never lost: ask again
+                        reissue.append(info.data_index)
+                        retire.append(g.task_id)
+                        dead += 1
+                    continue
+                assert info is not None
                 oldest, _ = group_policy_versions(g)
                 if self.policy.is_stale(self.state.version, oldest):
-                    reissue.append(g.data_index)
-                    dropped.append(d.entry_id)
+                    reissue.append(info.data_index)
+                    done.append(d.entry_id)
+                    retire.append(g.task_id)
+                    self._count_tokens("wasted", g)
                     continue
                 self.metrics.rollout_staleness.observe(staleness(self.state.version, oldest))
                 seen.add(g.task_id)
                 groups.append(g)
-                self.pending_acks.append(d.entry_id)
-            # Re-issue before acking the dropped groups: a crash in between re-drops, never loses.
-            self.issue(reissue)
-            if dropped:
-                self.transport.ack_groups(dropped)
+                self.pending_acks.append((d.entry_id, g.task_id))
+            # Re-issue before acking: a crash in between re-drops a group, never loses a prompt.
+            self.issue(reissue, retiring=len(retire), dead_lettered=dead)
+            if done:
+                self.transport.ack_groups(done, retire=retire)
         return groups
+
+    def _count_tokens(self, kind: str, g: rollout_pb2.RolloutGroup) -> None:
+        """Generated tokens by fate: "trained" or "wasted" (sampled, never trained)."""
+        n = sum(len(c.token_ids) for c in g.completions)
+        key = f"tokens_{kind}"
+        self.state.counters[key] = self.state.counters.get(key, 0) + n
+        if kind == "wasted":
+            self.metrics.tokens_wasted.inc(n)
 
     def refresh_membership(self) -> None:
         """Bring generators that joined (or came back) up to the current version while waiting."""
@@ -342,6 +396,7 @@ class LearnerLoop:
         self.transport.set_version(s.version)
         for g in groups:
             s.trained_tasks.add(g.task_id)
+            self._count_tokens("trained", g)
         s.counters["groups_trained"] += len(groups)
         self.metrics.zero_advantage_groups.inc(
             sum(1 for g in groups if len({c.reward for c in g.completions}) <= 1)
@@ -426,11 +481,13 @@ class LearnerLoop:
         t = self.clock.monotonic()
         self.checkpointer.save(self.state.step, self.state.to_json())
         self.metrics.checkpoint_written(self.clock.time())
-        # Only now are the groups trained so far safe to forget.
+        # Only now are the groups trained so far safe to forget, and their tasks done.
         if self.pending_acks:
-            self.transport.ack_groups(self.pending_acks)
+            self.transport.ack_groups(
+                [e for e, _ in self.pending_acks],
+                retire=[t for _, t in self.pending_acks if t is not None],
+            )
             self.pending_acks = []
-        self._resync_outstanding()
         elapsed = self.clock.monotonic() - t
         self.metrics.checkpoint_seconds.observe(elapsed)
         self.metrics.step_phase_seconds.labels(phase="checkpoint").observe(elapsed)
@@ -522,8 +579,10 @@ class LearnerLoop:
         evals = [r["eval_accuracy"] for r in history if "eval_accuracy" in r]
         dlq = self.transport.dlq_length()
         backlog = self.transport.backlog()
-        # Groups trained but not yet acked are still in the rollouts backlog.
-        outstanding = max(0, sum(backlog.values()) - len(self.pending_acks))
+        outstanding = self.outstanding
+        dead = s.counters.get("groups_dead_lettered", 0)
+        wasted = s.counters.get("tokens_wasted", 0)
+        trained_tokens = s.counters.get("tokens_trained", 0)
         return {
             "run_id": self.config.run_id,
             "steps": s.step,
@@ -532,13 +591,17 @@ class LearnerLoop:
             "groups_trained": s.counters["groups_trained"],
             "groups_dropped_stale": s.counters["groups_dropped_stale"],
             "rollouts_in_dlq": dlq,
+            "groups_dead_lettered": dead,
+            "tokens_trained": trained_tokens,
+            "tokens_wasted": wasted,
+            "wasted_fraction": round(wasted / max(1, wasted + trained_tokens), 4),
             "prompts_trained": len(s.trained_tasks),
             "prompts_outstanding": outstanding,
             "backlog": {**backlog, "pending": self.transport.pending_counts()},
             "prompts_unaccounted": s.counters["prompts_issued"]
             - len(s.trained_tasks)
             - s.counters["groups_dropped_stale"]
-            - dlq
+            - dead
             - outstanding,
             "generator_weight_versions": dict(sorted(self.registry.loaded_versions().items())),
             "reward_mean_first": first.get("reward_mean"),

@@ -146,6 +146,11 @@ class LearnerMetrics(SharedMetrics):
         self.tokens_trained = Counter(
             "lpreg_learner_tokens_trained", "Completion tokens trained on.", registry=r
         )
+        self.tokens_wasted = Counter(
+            "lpreg_learner_tokens_wasted",
+            "Completion tokens generated but never trained (their groups arrived stale).",
+            registry=r,
+        )
         self.stream_length = Gauge(
             "lpreg_redis_stream_length",
             "Entries in each Redis stream of the run.",

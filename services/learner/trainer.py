@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from lpreg_core.advantages import grpo_advantages
-from lpreg_core.config import LearnerConfig, OffPolicyConfig
+from lpreg_core.config import LearnerConfig
 from lpreg_core.loss import (
     ProxyFilter,
     policy_loss,
@@ -103,16 +103,38 @@ def build_batch(groups: list[rollout_pb2.RolloutGroup], advantage_mode: str) -> 
 
 
 def _behaviour_weights(
-    proximal: Tensor, behaviour: Tensor, mask: Tensor, config: OffPolicyConfig
+    proximal: Tensor, behaviour: Tensor, mask: Tensor, kind: str, cap: float
 ) -> tuple[Tensor | None, Tensor]:
-    """Per-token importance weights pi_prox / pi_behav (detached) and the updated mask."""
-    if config.type == "none":
+    """Per-token importance weights pi_prox / pi_behav (detached) and the updated mask, for the
+    resolved ``learner.off_policy_type``."""
+    if kind == "none":
         return None, mask
     weights = torch.exp(proximal - behaviour) * mask
-    if config.type == "tis":
-        return weights.clamp(max=config.cap), mask
-    keep = (weights <= config.cap).to(mask.dtype)
+    if kind == "tis":
+        return weights.clamp(max=cap), mask
+    keep = (weights <= cap).to(mask.dtype)
     return weights * keep, mask * keep
+
+
+def _importance_stats(weights: Tensor | None, valid: Tensor, kept: Tensor) -> dict[str, float]:
+    """Importance-weight mean/max over the step's tokens, and the share masked out (decoupled)."""
+    if weights is None:
+        return {}
+    on = valid.bool()
+    w = weights[on]
+    if not w.numel():
+        return {}
+    return {
+        "iw_mean": float(w.mean()),
+        "iw_max": float(w.max()),
+        "iw_masked_frac": float(1.0 - kept[on].mean()),
+    }
+
+
+def _split(num: int, parts: int) -> list[slice]:
+    """``parts`` contiguous, nearly equal slices of ``range(num)`` (mini-batches of a step)."""
+    bounds = [round(i * num / parts) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 class Trainer:
@@ -211,6 +233,54 @@ class Trainer:
         proxy_log_probs = None if stats.proxy_log_probs is None else scatter(stats.proxy_log_probs)
         return scatter(stats.log_probs), scatter(stats.entropy), proxy_log_probs
 
+    def _update(
+        self,
+        batch: StepBatch,
+        mini: slice,
+        proximal: Tensor,
+        proxy: Tensor | None,
+        mask: Tensor,
+        reg_mask: Tensor | None,
+        weights: Tensor | None,
+    ) -> dict[str, float]:
+        """One optimiser update on the sequences in ``mini``, micro-batch by micro-batch; the
+        loss is normalised by the mini-batch's tokens, so micro-batching changes nothing."""
+        lp = self.loss_config
+        sub = mask[mini]
+        if lp.loss_agg_mode == "seq-mean-token-mean":
+            num_tokens = float((sub.sum(-1) > 0).sum())
+        else:
+            num_tokens = float(sub.sum())
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {"loss": 0.0}
+        for micro in self._micro_batches(mini.stop - mini.start):
+            rows = slice(mini.start + micro.start, mini.start + micro.stop)
+            log_probs, ent, _ = self._token_stats(batch, rows, None)
+            loss, metrics = policy_loss(
+                log_probs,
+                proximal[rows],
+                None if proxy is None else proxy[rows],
+                batch.advantages[rows],
+                mask[rows],
+                config=lp,
+                num_tokens=num_tokens,
+                reg_mask=None if reg_mask is None else reg_mask[rows],
+                behaviour_weights=None if weights is None else weights[rows],
+                entropy=ent if lp.needs_entropy_grad else None,
+            )
+            loss.backward()
+            totals["loss"] += float(loss.detach())
+            # policy_loss normalises by the mini-batch (num_tokens): micro-batch values add up.
+            for k, v in metrics.items():
+                val = float(v.detach()) if isinstance(v, Tensor) else float(v)
+                totals[k] = totals.get(k, 0.0) + val
+        totals["grad_norm"] = float(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optimizer.grad_clip)
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        return totals
+
     def step(self, batch: StepBatch) -> dict[str, float]:
         batch = batch.to(self.device)
         # No dropout in the policy: both passes must see the same function of the weights.
@@ -228,7 +298,11 @@ class Trainer:
         proxies = [p[2] for p in parts if p[2] is not None]
         proxy = torch.cat(proxies) if proxies else None
         weights, mask = _behaviour_weights(
-            proximal, batch.behaviour_log_probs, batch.mask, self.config.off_policy
+            proximal,
+            batch.behaviour_log_probs,
+            batch.mask,
+            self.config.off_policy_type,
+            self.config.off_policy.cap,
         )
         reg_mask = None
         totals: dict[str, float] = {}
@@ -245,50 +319,33 @@ class Trainer:
                 rho_pos=ranking.rho_pos,
             )
             totals["num_candidates"] = float(candidates.sum())
-        # The loss denominator of the whole step (policy_loss's num_tokens): valid tokens, or
-        # sequences in seq-mean-token-mean mode.
-        if lp.loss_agg_mode == "seq-mean-token-mean":
-            num_tokens = float((mask.sum(-1) > 0).sum())
-        else:
-            num_tokens = float(mask.sum())
-        self.optimizer.zero_grad(set_to_none=True)
+        updates = 0
         loss_total = 0.0
-        for rows in self._micro_batches(num):
-            log_probs, ent, _ = self._token_stats(batch, rows, None)
-            loss, metrics = policy_loss(
-                log_probs,
-                proximal[rows],
-                None if proxy is None else proxy[rows],
-                batch.advantages[rows],
-                mask[rows],
-                config=lp,
-                num_tokens=num_tokens,
-                reg_mask=None if reg_mask is None else reg_mask[rows],
-                behaviour_weights=None if weights is None else weights[rows],
-                entropy=ent if lp.needs_entropy_grad else None,
-            )
-            loss.backward()
-            loss_total += float(loss.detach())
-            # policy_loss normalises by the whole step (num_tokens): micro-batch values add up.
-            for k, v in metrics.items():
-                val = float(v.detach()) if isinstance(v, Tensor) else float(v)
-                totals[k] = totals.get(k, 0.0) + val
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.config.optimizer.grad_clip
-        )
-        self.optimizer.step()
+        grad_norms: list[float] = []
         lr = float(self.scheduler.get_last_lr()[0])
-        self.scheduler.step()
+        update_totals: dict[str, float] = {}
+        for _epoch in range(self.config.update_epochs):
+            for mini in _split(num, self.config.num_mini_batches):
+                metrics = self._update(batch, mini, proximal, proxy, mask, reg_mask, weights)
+                updates += 1
+                loss_total += metrics.pop("loss")
+                grad_norms.append(metrics.pop("grad_norm"))
+                for k, v in metrics.items():
+                    update_totals[k] = update_totals.get(k, 0.0) + v
+        # Per-update figures are averaged over the step's updates (one update: exactly its own).
+        totals.update({k: v / updates for k, v in update_totals.items()})
+        totals.update(_importance_stats(weights, batch.mask, mask))
         valid = batch.mask.bool()
         gap = (proximal - batch.behaviour_log_probs)[valid]
         return {
             **totals,
-            "loss": loss_total,
-            "grad_norm": float(grad_norm),
+            "loss": loss_total / updates,
+            "grad_norm": max(grad_norms),
             "lr": lr,
+            "num_updates": float(updates),
             "entropy": float(entropy[valid].mean()),
             "reward_mean": float(batch.rewards.mean()),
-            "num_tokens": num_tokens,
+            "num_tokens": float(batch.mask.sum()),
             "num_sequences": float(num),
             "completion_len_mean": float(batch.mask.sum(1).mean()),
             # Train/inference mismatch of the behaviour log-probs vs the learner's recompute.

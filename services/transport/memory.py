@@ -18,7 +18,7 @@ from typing import Literal
 
 from lpreg_core.rollout import DLQ_REASONS, InvalidEntry, decode_group, decode_task, encode_group
 from lpreg_core.rollout import encode_task as _encode_task
-from lpreg_core.transport import DeadLetter, Delivery
+from lpreg_core.transport import DeadLetter, Delivery, IssuedTask
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
 
 
@@ -56,6 +56,7 @@ class InMemoryState:
         self.version: int | None = None
         self.heartbeats: dict[str, float] = {}
         self.ledger: dict[str, int] = {}
+        self.issued: dict[str, str] = {}
 
     def next_id(self) -> str:
         self.seq += 1
@@ -81,6 +82,7 @@ class InMemoryStreams:
         claim_idle_ms: int = 30_000,
         max_entry_bytes: int = 16 * 1024 * 1024,
         max_tokens: int = 1_000_000,
+        max_completion_tokens: int | None = None,
         on_dead_letter: Callable[[str], None] | None = None,
         state: InMemoryState | None = None,
     ) -> None:
@@ -89,6 +91,7 @@ class InMemoryStreams:
         self.claim_idle_ms = claim_idle_ms
         self.max_entry_bytes = max_entry_bytes
         self.max_tokens = max_tokens
+        self.max_completion_tokens = max_completion_tokens
         self.on_dead_letter = on_dead_letter
         self.state = state if state is not None else InMemoryState()
         self.num_reclaimed_tasks = 0
@@ -105,6 +108,7 @@ class InMemoryStreams:
             claim_idle_ms=self.claim_idle_ms,
             max_entry_bytes=self.max_entry_bytes,
             max_tokens=self.max_tokens,
+            max_completion_tokens=self.max_completion_tokens,
             on_dead_letter=self.on_dead_letter,
             state=self.state,
         )
@@ -200,7 +204,7 @@ class InMemoryStreams:
 
     def _ack(self, stream: str, entry_ids: Sequence[str]) -> int:
         s = self.state.streams[stream]
-        with self.state.cond:
+        with self.state.cond:  # reentrant: callers may hold it
             return sum(1 for e in entry_ids if s.pending.pop(e, None) is not None)
 
     # -- TaskQueue ----------------------------------------------------------------------------
@@ -213,6 +217,8 @@ class InMemoryStreams:
     ) -> list[str]:
         payloads = [_encode_task(t) for t in tasks]
         with self.state.cond:
+            for t in tasks:
+                self.state.issued[t.task_id] = IssuedTask.of(t).encode()
             for name, incr in (ledger or {}).items():
                 self.state.ledger[name] = self.state.ledger.get(name, 0) + int(incr)
             return [self._append("prompts", p) for p in payloads]
@@ -273,6 +279,7 @@ class InMemoryStreams:
                     vocab_size=vocab_size,
                     run_id=self.run_id,
                     max_tokens=self.max_tokens,
+                    max_completion_tokens=self.max_completion_tokens,
                 )
             except InvalidEntry as e:
                 self.dead_letter(
@@ -283,8 +290,23 @@ class InMemoryStreams:
             out.append(Delivery(entry_id, group, redelivered))
         return out
 
-    def ack_groups(self, entry_ids: Sequence[str]) -> int:
-        return self._ack("rollouts", entry_ids)
+    def ack_groups(self, entry_ids: Sequence[str], *, retire: Sequence[str] = ()) -> int:
+        with self.state.cond:
+            for task_id in retire:
+                self.state.issued.pop(task_id, None)
+            return self._ack("rollouts", entry_ids)
+
+    def issued_tasks(self, task_ids: Sequence[str]) -> dict[str, IssuedTask]:
+        with self.state.cond:
+            return {
+                t: IssuedTask.decode(self.state.issued[t])
+                for t in task_ids
+                if t in self.state.issued
+            }
+
+    def num_issued(self) -> int:
+        with self.state.cond:
+            return len(self.state.issued)
 
     # -- RunState -----------------------------------------------------------------------------
 

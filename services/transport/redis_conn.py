@@ -1,7 +1,9 @@
 """The Redis connection of one run: keys, bounded retries, run state and introspection.
 
 ``RedisConnection`` is what every lpreg process shares about a run's Redis: the key layout, the
-connection with its bounded retries (ending in :class:`TransportUnavailable`), the consumer groups,
+connection with its retries (a first contact gives up after ``connect_retries``; afterwards an
+outage of up to ``outage_tolerance_s`` is ridden through; both end in
+:class:`TransportUnavailable`), the consumer groups,
 the policy version, generator heartbeats, the issuer's ledger and the backlog snapshot. Stream
 delivery (reading, publishing, acking, dead-lettering) is built on it in
 ``services.transport.redis_streams``.
@@ -14,6 +16,7 @@ Keys of run R:
     lpreg:R:version    current policy version
     lpreg:R:gen:<id>   generator heartbeat, expires after its TTL
     lpreg:R:ledger     issuer counters, moved in the same transaction as the issued tasks
+    lpreg:R:issued     task id -> what was asked for, for every issued task not yet retired
 
 Trimming. Prompt and rollout entries are never capped with XADD MAXLEN: a cap drops the oldest
 entries whether or not they were acked, and a learner that falls behind (or a generator pool that
@@ -36,7 +39,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.common.retry import retry_call
+from services.common.retry import backoff_delays, retry_call
 
 if TYPE_CHECKING:
     from lpreg_core.config import RedisConfig
@@ -49,6 +52,8 @@ TASK_GROUP = "generators"
 ROLLOUT_GROUP = "learner"
 
 _RETRYABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# The backoff sequence is only a ramp to retry_backoff_max_s; the outage window ends the retries.
+_MAX_OUTAGE_ATTEMPTS = 64
 
 
 class TransportUnavailable(Exception):
@@ -121,6 +126,7 @@ class RedisConnection:
         self.version_key = f"{prefix}:version"
         self.heartbeat_prefix = f"{prefix}:gen:"
         self.ledger_key = f"{prefix}:ledger"
+        self.issued_key = f"{prefix}:issued"
         self.socket_timeout_s = socket_timeout_s
         kwargs: dict[str, Any] = {
             "decode_responses": False,
@@ -137,6 +143,9 @@ class RedisConnection:
         self._redis: Any = redis.Redis.from_url(self.url, **kwargs)
         self._lock = threading.Lock()
         self.num_retries = 0
+        # Until Redis has answered once, failures are more likely a wrong URL than an outage:
+        # the first contact gives up after connect_retries, later ones ride through outages.
+        self._reached = False
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -144,17 +153,72 @@ class RedisConnection:
         with self._lock:
             self.num_retries += 1
             self._after_retry()
-        logger.warning(
-            "redis %s: %s (%s); retry %d in %.2fs", op, error, self.safe_url, attempt, delay_s
-        )
+        # An outage of minutes must not bury the log: the first tries, then every tenth.
+        log = logger.warning if attempt <= 3 or attempt % 10 == 0 else logger.debug
+        log("redis %s: %s (%s); retry %d in %.2fs", op, error, self.safe_url, attempt, delay_s)
 
     def _after_retry(self) -> None:
         """Called (under the lock) before each retry; subclasses reset read cursors here."""
 
     def _call(self, op: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with bounded retries on connection errors; recreate lost consumer groups."""
-        attempts = self.config.connect_retries + 1
+        """Run ``fn``, retrying on connection errors; recreate lost consumer groups.
 
+        Before Redis has ever answered, ``connect_retries`` retries are made (a wrong URL fails
+        in seconds). Afterwards an operation retries for ``outage_tolerance_s`` with backoff
+        capped at ``retry_backoff_max_s``, so a Redis restart or failover of that length is
+        ridden through; then TransportUnavailable.
+        """
+        if self._reached:
+            return self._call_through_outage(op, fn)
+        attempts = self.config.connect_retries + 1
+        once = self._once(op, fn)
+        try:
+            result = retry_call(
+                once,
+                attempts=attempts,
+                base_s=self.config.retry_backoff_s,
+                max_s=self.config.retry_backoff_max_s,
+                retry_on=_RETRYABLE,
+                on_retry=lambda attempt, err, delay: self._on_retry(op, attempt, err, delay),
+                jitter=True,
+            )
+        except _RETRYABLE as e:
+            raise TransportUnavailable(
+                f"Redis at {self.safe_url} is unreachable: {op} failed {attempts} times "
+                f"(last error: {e})"
+            ) from e
+        self._reached = True
+        return result
+
+    def _call_through_outage(self, op: str, fn: Callable[[], T]) -> T:
+        once = self._once(op, fn)
+        tolerance_s = self.config.outage_tolerance_s
+        deadline = time.monotonic() + tolerance_s
+        delays = backoff_delays(
+            _MAX_OUTAGE_ATTEMPTS,
+            base_s=self.config.retry_backoff_s,
+            max_s=self.config.retry_backoff_max_s,
+            jitter=True,
+        )
+        attempt = 1
+        while True:
+            try:
+                return once()
+            except _RETRYABLE as e:
+                delay = next(delays, self.config.retry_backoff_max_s)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransportUnavailable(
+                        f"Redis at {self.safe_url} is unreachable: {op} kept failing for "
+                        f"{tolerance_s:.0f}s (redis.outage_tolerance_s), {attempt} tries "
+                        f"(last error: {e})"
+                    ) from e
+                delay = min(delay, remaining)
+                self._on_retry(op, attempt, e, delay)
+                time.sleep(delay)
+                attempt += 1
+
+    def _once(self, op: str, fn: Callable[[], T]) -> Callable[[], T]:
         def once() -> T:
             try:
                 return fn()
@@ -171,21 +235,7 @@ class RedisConnection:
                 self._create_groups()
                 return fn()
 
-        try:
-            return retry_call(
-                once,
-                attempts=attempts,
-                base_s=self.config.retry_backoff_s,
-                max_s=self.config.retry_backoff_max_s,
-                retry_on=_RETRYABLE,
-                on_retry=lambda attempt, err, delay: self._on_retry(op, attempt, err, delay),
-                jitter=True,
-            )
-        except _RETRYABLE as e:
-            raise TransportUnavailable(
-                f"Redis at {self.safe_url} is unreachable: {op} failed {attempts} times "
-                f"(last error: {e})"
-            ) from e
+        return once
 
     def _create_groups(self) -> None:
         for key, group in ((self.prompts_key, TASK_GROUP), (self.rollouts_key, ROLLOUT_GROUP)):

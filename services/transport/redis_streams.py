@@ -29,7 +29,7 @@ from lpreg_core.rollout import (
     encode_group,
     encode_task,
 )
-from lpreg_core.transport import DeadLetter, Delivery
+from lpreg_core.transport import DeadLetter, Delivery, IssuedTask
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
 from services.transport.redis_conn import (
     ROLLOUT_GROUP,
@@ -98,6 +98,7 @@ class RedisStreams(RedisConnection):
         url: str | None = None,
         on_dead_letter: Callable[[str], None] | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_completion_tokens: int | None = None,
         connect_timeout_s: float = 5.0,
         socket_timeout_s: float = 60.0,
     ) -> None:
@@ -114,6 +115,7 @@ class RedisStreams(RedisConnection):
         self.consumer = consumer
         self.on_dead_letter = on_dead_letter
         self.max_tokens = max_tokens
+        self.max_completion_tokens = max_completion_tokens
         self._max_block_ms = max(1, int(socket_timeout_s * 1000) - _BLOCK_MARGIN_MS)
         self._publish = self._redis.register_script(_PUBLISH_SCRIPT)
         # Replay cursors: the first read of each stream re-reads this consumer's own pending
@@ -127,6 +129,19 @@ class RedisStreams(RedisConnection):
         self._groups_out: set[str] = set()
         self.num_reclaimed_tasks = 0
         self.num_dead_lettered = 0
+
+    def issued_tasks(self, task_ids: Sequence[str]) -> dict[str, IssuedTask]:
+        if not task_ids:
+            return {}
+        values = self._call("issued_tasks", lambda: self._redis.hmget(self.issued_key, task_ids))
+        return {
+            t: IssuedTask.decode(entry_id_str(v))
+            for t, v in zip(task_ids, values, strict=True)
+            if v is not None
+        }
+
+    def num_issued(self) -> int:
+        return int(self._call("num_issued", lambda: self._redis.hlen(self.issued_key)))
 
     def _after_retry(self) -> None:
         # A read whose reply was lost left entries pending for us that nobody will return; the
@@ -315,6 +330,10 @@ class RedisStreams(RedisConnection):
             pipe = self._redis.pipeline(transaction=True)
             for p in payloads:
                 pipe.xadd(self.prompts_key, {DATA_FIELD: p})
+            if tasks:
+                pipe.hset(
+                    self.issued_key, mapping={t.task_id: IssuedTask.of(t).encode() for t in tasks}
+                )
             for field, incr in (ledger or {}).items():
                 pipe.hincrby(self.ledger_key, field, int(incr))
             return list(pipe.execute())[: len(payloads)]
@@ -435,6 +454,7 @@ class RedisStreams(RedisConnection):
                 vocab_size=vocab_size,
                 run_id=self.run_id,
                 max_tokens=self.max_tokens,
+                max_completion_tokens=self.max_completion_tokens,
             )
 
         key, group = self.rollouts_key, ROLLOUT_GROUP
@@ -449,14 +469,23 @@ class RedisStreams(RedisConnection):
         new = self._read_new(key, group, count, self._block(block_ms))
         return self._decode_entries(key, group, new, False, decode, self._groups_out)
 
-    def ack_groups(self, entry_ids: Sequence[str]) -> int:
-        """Ack groups whose update is durable; returns how many were pending. Fully consumed
-        entries are then trimmed from the stream."""
-        if not entry_ids:
+    def ack_groups(self, entry_ids: Sequence[str], *, retire: Sequence[str] = ()) -> int:
+        """Ack groups whose update is durable and retire the tasks named in ``retire``, in one
+        transaction; returns how many groups were pending. Fully consumed entries are then
+        trimmed from the stream."""
+        if not entry_ids and not retire:
             return 0
-        n = self._call(
-            "ack_groups", lambda: self._redis.xack(self.rollouts_key, ROLLOUT_GROUP, *entry_ids)
-        )
+
+        def ack() -> int:
+            pipe = self._redis.pipeline(transaction=True)
+            if entry_ids:
+                pipe.xack(self.rollouts_key, ROLLOUT_GROUP, *entry_ids)
+            if retire:
+                pipe.hdel(self.issued_key, *retire)
+            replies = pipe.execute()
+            return int(replies[0]) if entry_ids else 0
+
+        n = self._call("ack_groups", ack)
         with self._lock:
             self._groups_out.difference_update(entry_ids)
         self._trim(self.rollouts_key)

@@ -257,3 +257,27 @@ def test_reads_refuse_a_count_below_one(views: Views) -> None:
         learner.read_tasks(0, 10)
     with pytest.raises(ValueError, match="count"):
         learner.read_groups(0, 10, vocab_size=VOCAB)
+
+
+def test_issued_tasks_are_recorded_with_the_issue_and_retired_with_the_ack(views: Views) -> None:
+    learner, gen = views("learner"), views("gen-0")
+    t = task("a", data_index=7)
+    learner.issue_tasks([t, task("b")])
+    assert learner.num_issued() == 2
+    issued = learner.issued_tasks(["a", "never"])
+    assert set(issued) == {"a"}
+    assert (issued["a"].data_index, issued["a"].num_samples, issued["a"].max_new_tokens) == (7, 2, 4)
+    serve(gen, 2)
+    got = read_groups(learner, 2)
+    assert learner.ack_groups([got[0].entry_id], retire=["a"]) == 1
+    assert learner.num_issued() == 1
+    assert learner.issued_tasks(["a", "b"]).keys() == {"b"}
+    # Retiring without an ack (a task whose group was dead-lettered) works too.
+    assert learner.ack_groups([], retire=["b"]) == 0
+    assert learner.num_issued() == 0
+
+
+def test_dead_letters_are_recorded_with_their_reason(views: Views) -> None:
+    learner = views("learner")
+    learner.dead_letter(b"x", source="rollouts", reason="unexpected", detail="d", entry_id="1-0")
+    assert learner.dlq_length() == 1

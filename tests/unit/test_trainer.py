@@ -52,9 +52,8 @@ def base_model() -> torch.nn.Module:
 
 def run_step(base: torch.nn.Module, micro: int, **overrides: object) -> tuple[dict, dict]:
     model = copy.deepcopy(base)
-    config = LearnerConfig.model_validate(
-        {"micro_batch_sequences": micro, "optimizer": {"lr": 1e-3}, **overrides}
-    )
+    settings = {"micro_batch_sequences": micro, "optimizer": {"lr": 1e-3}, "max_staleness": 0}
+    config = LearnerConfig.model_validate({**settings, **overrides})
     trainer = Trainer(model, config)
     stats = trainer.step(build_batch(make_groups(model), "std"))
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -79,9 +78,11 @@ def test_step_regularises_and_updates_weights(base_model: torch.nn.Module) -> No
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # A tiny kappa keeps (nearly) every token in the proxy, so low-probability candidates sit
     # below it and are regularised.
-    trainer = Trainer(
-        model, LearnerConfig.model_validate({"loss": {"rho_neg": 0.3, "kappa": 1e-3}})
+    # Synchronous (no off-policy correction): the fake behaviour log-probs would mask tokens.
+    config = LearnerConfig.model_validate(
+        {"max_staleness": 0, "loss": {"rho_neg": 0.3, "kappa": 1e-3}}
     )
+    trainer = Trainer(model, config)
     stats = trainer.step(build_batch(make_groups(model), "std"))
     assert stats["num_candidates"] >= stats["num_regularized"] > 0
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
@@ -117,3 +118,28 @@ def test_half_precision_master_weights_are_refused() -> None:
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="model.dtype"):
         Trainer(model, LearnerConfig())
+
+
+def test_several_updates_per_step_make_the_ratio_and_clip_act(base_model: torch.nn.Module) -> None:
+    """One update per step: the ratio against the step-start policy is exactly 1 and the clip
+    never acts. Several mini-batch updates over the same batch move the policy between them."""
+    loss = {"type": "grpo", "clip_low": 0.01, "clip_high": 0.01}
+    one, _ = run_step(base_model, 12, loss=loss, optimizer={"lr": 5e-2})
+    assert one["num_updates"] == 1
+    assert one["ppo_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert one["pg_clipfrac"] == 0.0
+    many, _ = run_step(
+        base_model, 12, loss=loss, optimizer={"lr": 5e-2}, updates_per_step=4, update_epochs=2
+    )
+    assert many["num_updates"] == 4
+    assert many["pg_clipfrac"] > 0.0
+    assert many["ppo_kl"] != pytest.approx(0.0, abs=1e-12)
+
+
+def test_decoupled_correction_is_the_default_off_policy(base_model: torch.nn.Module) -> None:
+    assert LearnerConfig().off_policy_type == "decoupled"
+    assert LearnerConfig(max_staleness=0).off_policy_type == "none"
+    stats, _ = run_step(base_model, 12, loss={"type": "grpo"}, max_staleness=2)
+    # The fake behaviour log-probs (-1.5 everywhere) give real importance weights.
+    assert stats["iw_max"] > stats["iw_mean"] > 0
+    assert 0.0 <= stats["iw_masked_frac"] <= 1.0
