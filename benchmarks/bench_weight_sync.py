@@ -1,0 +1,312 @@
+"""The project's weight publish vs a raw Gloo broadcast of the same bytes; prints one JSON object.
+
+The learner side runs in this process, two generator-side members run as processes of their own
+(this script with --worker), all on loopback Gloo:
+
+  project  what the learner pays per publish (services.learner.publisher): build_manifest packs a
+           model-shaped state dict into flat buckets and checksums them, the manifest goes to the
+           members, WeightSender.send broadcasts bucket by bucket and waits for every member's
+           checksum confirmation. Each member receives with WeightReceiver.receive_buckets and
+           copies each tensor into its own copy of the model as it arrives.
+  raw      torch.distributed broadcast of one flat buffer of the same bytes, already packed,
+           into a preallocated buffer on each member, then the same one-element all-reduce that
+           confirms the project's publish.
+
+project_s and raw_s are medians of --repeats (after one warm-up of each, alternating);
+efficiency = raw_s / project_s. pause_s is how long a member spends in a publish (from the
+start of its receive until the last tensor is loaded and verified), the larger of the two
+members, median. project_pack_s and project_broadcast_s split project_s.
+
+The default state dict is 256 MB (1 GB, the issue's size, is --bytes 1e9 on a machine with the
+memory: every process holds the model once more plus its buffers).
+
+    .venv/bin/python benchmarks/bench_weight_sync.py [--bytes 256e6] [--repeats 3]
+    .venv/bin/python benchmarks/bench_weight_sync.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.distributed as dist
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from lpreg_core.config import BroadcastConfig  # noqa: E402
+from lpreg_core.weights import (  # noqa: E402
+    build_manifest,
+    manifest_from_proto,
+    manifest_to_proto,
+)
+from lpreg_core.wire.lpreg.v1 import control_pb2  # noqa: E402
+from services.weight_sync import WeightReceiver, WeightSender  # noqa: E402
+
+NUM_MEMBERS = 2
+HIDDEN = 1024
+"""Model-shaped tensors: (H, H) and (4 H, H) matrices with H-sized norms, H = HIDDEN (smaller
+when one layer of that width would not fit the requested bytes)."""
+JOIN_TIMEOUT_S = 60.0
+SEND_TIMEOUT_S = 300.0
+WORKER_START_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def model_state(num_bytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A float32 transformer-like state dict of about num_bytes (at least one layer's worth)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = HIDDEN
+    while h > 64 and 4 * 16 * h * h > num_bytes:
+        h //= 2
+    layer = {
+        "self_attn.q_proj.weight": (h, h),
+        "self_attn.k_proj.weight": (h, h),
+        "self_attn.v_proj.weight": (h, h),
+        "self_attn.o_proj.weight": (h, h),
+        "mlp.gate_proj.weight": (4 * h, h),
+        "mlp.up_proj.weight": (4 * h, h),
+        "mlp.down_proj.weight": (h, 4 * h),
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+    }
+    layer_bytes = 4 * sum(torch.Size(s).numel() for s in layer.values())
+    state: dict[str, torch.Tensor] = {}
+    i = 0
+    while i == 0 or sum(t.numel() * 4 for t in state.values()) + layer_bytes <= num_bytes:
+        for name, shape in layer.items():
+            state[f"model.layers.{i}.{name}"] = torch.randn(*shape, generator=gen)
+        i += 1
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Member process
+# ---------------------------------------------------------------------------------------------
+
+
+def _raw_group(rank: int, world_size: int, port: int, is_master: bool) -> Any:
+    store = dist.TCPStore(
+        "127.0.0.1", port, world_size, is_master, timeout=timedelta(seconds=JOIN_TIMEOUT_S)
+    )
+    options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    options._timeout = timedelta(seconds=SEND_TIMEOUT_S)
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    options._threads = 1
+    return store, dist.ProcessGroupGloo(store, rank, world_size, options)
+
+
+def _confirm(pg: Any) -> None:
+    pg.allreduce([torch.zeros(1, dtype=torch.int32)]).wait()
+
+
+def _worker(rank: int, store_port: int, raw_port: int, num_bytes: int) -> None:
+    torch.set_num_threads(1)
+    world_size = NUM_MEMBERS + 1
+    receiver = WeightReceiver(device_host="127.0.0.1")
+    receiver.join(1, rank, world_size, "127.0.0.1", store_port, "gloo", JOIN_TIMEOUT_S)
+    _store, raw_pg = _raw_group(rank, world_size, raw_port, False)
+    raw_buffer = torch.empty(num_bytes, dtype=torch.uint8)
+    model: dict[str, torch.Tensor] = {}
+    print(json.dumps({"ok": True}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        start = time.perf_counter()
+        if command["op"] == "exit":
+            break
+        if command["op"] == "project":
+            proto = control_pb2.WeightManifest.FromString(bytes.fromhex(command["manifest"]))
+            manifest = manifest_from_proto(proto)
+            with receiver.receive_buckets(manifest, "cpu", SEND_TIMEOUT_S) as stream:
+                for name, tensor in stream:
+                    if name not in model:
+                        model[name] = torch.empty_like(tensor)
+                    model[name].copy_(tensor)
+            if stream.error is not None:
+                raise RuntimeError(f"rank {rank}: publish failed: {stream.error}")
+        else:
+            raw_pg.broadcast([raw_buffer], dist.BroadcastOptions()).wait()
+            _confirm(raw_pg)
+        print(json.dumps({"ok": True, "pause_s": time.perf_counter() - start}), flush=True)
+    receiver.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Learner side
+# ---------------------------------------------------------------------------------------------
+
+
+class Member:
+    def __init__(self, rank: int, store_port: int, raw_port: int, num_bytes: int, log: IO) -> None:
+        argv = [
+            sys.executable, str(Path(__file__).resolve()), "--worker", str(rank),
+            "--store-port", str(store_port), "--raw-port", str(raw_port),
+            "--bytes", str(num_bytes),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    def send(self, **command: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"member {self.proc.pid} exited ({self.proc.wait()}): see its log")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(op="exit")
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run(num_bytes: int, repeats: int, bucket_bytes: int, log: IO) -> dict[str, Any]:
+    state = model_state(num_bytes)
+    total_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    flat = torch.cat([t.reshape(-1) for t in state.values()]).view(torch.uint8)
+    config = BroadcastConfig.model_validate(
+        {"store_host": "127.0.0.1", "store_port": 0, "bucket_bytes": bucket_bytes}
+    )
+    raw_port = free_port()
+    members: list[Member] = []
+    with WeightSender(config, "cpu", device_host="127.0.0.1") as sender:
+        try:
+            members = [
+                Member(rank, sender.port, raw_port, total_bytes, log)
+                for rank in range(1, NUM_MEMBERS + 1)
+            ]
+            sender.open_epoch(1, NUM_MEMBERS + 1, JOIN_TIMEOUT_S)
+            _store, raw_pg = _raw_group(0, NUM_MEMBERS + 1, raw_port, True)
+            for m in members:
+                if not m.reply()["ok"]:
+                    raise RuntimeError("a member failed to start")
+
+            def project(version: int) -> tuple[float, float, float]:
+                start = time.perf_counter()
+                with torch.no_grad():
+                    manifest, flats = build_manifest(version, state, bucket_bytes)
+                text = manifest_to_proto(manifest).SerializeToString().hex()
+                for m in members:
+                    m.send(op="project", manifest=text)
+                packed = time.perf_counter()
+                sender.send(flats, SEND_TIMEOUT_S)
+                end = time.perf_counter()
+                pause = max(m.reply()["pause_s"] for m in members)
+                return end - start, packed - start, pause
+
+            def raw() -> tuple[float, float]:
+                for m in members:
+                    m.send(op="raw")
+                start = time.perf_counter()
+                raw_pg.broadcast([flat], dist.BroadcastOptions()).wait()
+                _confirm(raw_pg)
+                end = time.perf_counter()
+                pause = max(m.reply()["pause_s"] for m in members)
+                return end - start, pause
+
+            project(0)
+            raw()
+            project_runs, raw_runs = [], []
+            for version in range(1, repeats + 1):
+                project_runs.append(project(version))
+                raw_runs.append(raw())
+        finally:
+            for m in members:
+                m.stop()
+    project_s = statistics.median(r[0] for r in project_runs)
+    raw_s = statistics.median(r[0] for r in raw_runs)
+    pack_s = statistics.median(r[1] for r in project_runs)
+    return {
+        "bytes": total_bytes,
+        "num_tensors": len(state),
+        "bucket_bytes": bucket_bytes,
+        "num_members": NUM_MEMBERS,
+        "backend": "gloo",
+        "repeats": repeats,
+        "project_s": project_s,
+        "raw_s": raw_s,
+        "efficiency": raw_s / project_s,
+        "pause_s": statistics.median(r[2] for r in project_runs),
+        "raw_pause_s": statistics.median(r[1] for r in raw_runs),
+        "project_pack_s": pack_s,
+        "project_broadcast_s": statistics.median(r[0] - r[1] for r in project_runs),
+        "efficiency_broadcast_only": raw_s / statistics.median(r[0] - r[1] for r in project_runs),
+        "project_all_s": [r[0] for r in project_runs],
+        "raw_all_s": [r[0] for r in raw_runs],
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--bytes", type=float, default=256e6, help="state dict size (default 256e6)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed publishes of each kind")
+    parser.add_argument(
+        "--bucket-bytes",
+        type=int,
+        default=BroadcastConfig.model_fields["bucket_bytes"].default,
+        help="the project's bucket size (default: broadcast.bucket_bytes's default)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="16 MB, 1 repeat, 4 MB buckets")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--raw-port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        _worker(args.worker, args.store_port, args.raw_port, int(args.bytes))
+        return 0
+    if args.smoke:
+        args.bytes, args.repeats, args.bucket_bytes = 16e6, 1, 4 * 1024 * 1024
+    torch.set_num_threads(1)
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_weight_sync-{os.getpid()}.log"
+    with log_path.open("w") as log:
+        try:
+            result = run(int(args.bytes), args.repeats, args.bucket_bytes, log)
+        except Exception:
+            print(f"member logs: {log_path}", file=sys.stderr)
+            raise
+    log_path.unlink(missing_ok=True)
+    text = json.dumps(result)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
