@@ -116,6 +116,10 @@ class TaskQueue(Protocol):
         """Tasks issued and not yet retired: the outstanding work admission counts."""
         ...
 
+    def all_issued(self) -> dict[str, IssuedTask]:
+        """Every issued, not yet retired task (a checkpoint records their prompts)."""
+        ...
+
     def read_tasks(self, count: int, block_ms: int) -> list[Delivery[rollout_pb2.PromptTask]]:
         """Up to ``count`` tasks: reclaimed idle ones first, then new ones, waiting up to
         ``block_ms`` when there are none. Invalid entries are dead-lettered, never returned."""

@@ -95,6 +95,9 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
     # Run-level figures for the summary (e.g. the accuracy before training).
     extra: dict[str, Any] = field(default_factory=dict)
+    # Data positions of the prompts outstanding when the checkpoint was written: re-issued if the
+    # transport comes back without the run's state (a fresh Redis).
+    outstanding_indices: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +108,7 @@ class LoopState:
             "trained_tasks": sorted(self.trained_tasks),
             "history": self.history,
             "extra": self.extra,
+            "outstanding_indices": self.outstanding_indices,
         }
 
     @classmethod
@@ -118,6 +122,7 @@ class LoopState:
             trained_tasks=set(raw["trained_tasks"]),
             history=list(raw["history"]),
             extra=dict(raw.get("extra", {})),
+            outstanding_indices=list(raw.get("outstanding_indices", [])),
         )
 
 
@@ -163,6 +168,7 @@ class LearnerLoop:
         # duplicate (nothing to retire).
         self.pending_acks: list[tuple[str, str | None]] = []
         self.resumed = False
+        self._reissue_lost: list[int] = []
         self._observed_generators: set[str] = set()
         self._observed_lock = threading.Lock()
 
@@ -193,6 +199,21 @@ class LearnerLoop:
             s.version = published + 1
         self.transport.set_version(s.version)
         self.metrics.policy_version.set(s.version)
+        if self._reissue_lost:
+            # The new store starts from the checkpoint's ledger; the lost prompts count like
+            # dropped groups (their first issue is in those counters) and go out again.
+            self.transport.issue_tasks(
+                [],
+                ledger={
+                    "prompts_issued": s.counters["prompts_issued"],
+                    "next_data_index": s.next_data_index,
+                    "issued_fresh": s.issued_fresh,
+                    "groups_dropped_stale": s.counters["groups_dropped_stale"],
+                    "groups_dead_lettered": s.counters.get("groups_dead_lettered", 0),
+                },
+            )
+            self.issue(self._reissue_lost)
+            self._reissue_lost = []
         self.metrics.max_staleness.set(self.policy.max_staleness)
 
     def _adopt_ledger(self) -> None:
@@ -200,6 +221,15 @@ class LearnerLoop:
         with the tasks actually issued (the checkpoint may be older)."""
         ledger = self.transport.ledger()
         if not ledger:
+            lost = self.state.outstanding_indices if self.resumed else []
+            if lost:
+                log.warning(
+                    "Redis holds no state of run %r (a new or emptied Redis): the %d prompts "
+                    "outstanding at the checkpoint are issued again",
+                    self.config.run_id,
+                    len(lost),
+                )
+                self._reissue_lost = list(lost)
             return
         if not self.resumed:
             raise RunStateExists(
@@ -479,6 +509,12 @@ class LearnerLoop:
     def checkpoint(self) -> None:
         """Make the trainer state durable, then ack every group it covers."""
         t = self.clock.monotonic()
+        trained = {task for _, task in self.pending_acks if task is not None}
+        self.state.outstanding_indices = sorted(
+            info.data_index
+            for task, info in self.transport.all_issued().items()
+            if task not in trained
+        )
         self.checkpointer.save(self.state.step, self.state.to_json())
         self.metrics.checkpoint_written(self.clock.time())
         # Only now are the groups trained so far safe to forget, and their tasks done.

@@ -304,6 +304,10 @@ class InMemoryStreams:
                 if t in self.state.issued
             }
 
+    def all_issued(self) -> dict[str, IssuedTask]:
+        with self.state.cond:
+            return {t: IssuedTask.decode(v) for t, v in self.state.issued.items()}
+
     def num_issued(self) -> int:
         with self.state.cond:
             return len(self.state.issued)

@@ -140,6 +140,10 @@ class RedisStreams(RedisConnection):
             if v is not None
         }
 
+    def all_issued(self) -> dict[str, IssuedTask]:
+        raw = self._call("all_issued", lambda: self._redis.hgetall(self.issued_key))
+        return {entry_id_str(t): IssuedTask.decode(entry_id_str(v)) for t, v in raw.items()}
+
     def num_issued(self) -> int:
         return int(self._call("num_issued", lambda: self._redis.hlen(self.issued_key)))
 

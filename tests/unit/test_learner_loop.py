@@ -367,3 +367,19 @@ def test_a_full_run_finishes_with_every_prompt_accounted_for() -> None:
     assert summary["prompts_unaccounted"] == 0
     assert h.transport.pending_counts()["rollouts"] == 0  # the final checkpoint acked all
     assert [v for v, _, _ in h.publisher.published] == list(range(1, 7))
+
+
+def test_resume_against_an_empty_redis_reissues_what_was_outstanding() -> None:
+    """A checkpointed run restarted with a new (empty) Redis must neither hang nor lose prompts."""
+    config = make_config(max_staleness=1, checkpoint={"every_steps": 1})
+    h = started(config)
+    h.answer(B)
+    h.loop.step_once()
+    outstanding = sorted(d.value.data_index for d in h.gen.read_tasks(100, block_ms=0))
+    assert len(outstanding) == 2 * B
+    fresh = Harness(config, checkpointer=h.checkpointer)  # a new InMemoryState: nothing in it
+    assert fresh.loop.restore()
+    fresh.loop.start()
+    reissued = sorted(d.value.data_index for d in fresh.gen.read_tasks(100, block_ms=0))
+    assert reissued == outstanding
+    assert fresh.loop.summary(1.0)["prompts_unaccounted"] == 0
