@@ -34,7 +34,13 @@ from lpreg_core.config import ControlConfig
 from lpreg_core.wire.lpreg.v1 import control_pb2, control_pb2_grpc
 from services.common.auth import bearer_metadata
 from services.common.errors import ControlError, Unavailable
-from services.common.grpc_status import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, error_from_rpc
+from services.common.grpc_status import (
+    KEEPALIVE_TIME_MS,
+    KEEPALIVE_TIMEOUT_MS,
+    PEER_LIMIT_DETAILS,
+    SERVER_LIMIT_DETAILS,
+    error_from_rpc,
+)
 from services.common.retry import retry_call
 
 logger = logging.getLogger(__name__)
@@ -42,8 +48,24 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Codes that mean "the learner is not there right now" (down or restarting). RESOURCE_EXHAUSTED
-# is not among them: it mostly means a message over the size limit, which no retry fixes.
+# is not among them: it mostly means a message over the size limit, which no retry fixes; only a
+# concurrency limit (see is_retryable) passes as other calls end.
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_BUSY_DETAILS = (PEER_LIMIT_DETAILS, SERVER_LIMIT_DETAILS)
+
+
+def is_retryable(err: grpc.RpcError) -> bool:
+    """Whether a failed call may succeed if tried again: the learner is down or restarting, or
+    it refused the call for a concurrency limit (not for a message too large)."""
+    if not isinstance(err, grpc.Call):
+        return False
+    code = err.code()
+    if code in RETRYABLE_CODES:
+        return True
+    details = err.details() or ""
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_BUSY_DETAILS)
+
+
 # Largest exponent of the stream-reconnect backoff; the delay is capped long before this anyway.
 _MAX_BACKOFF_EXPONENT = 30
 
@@ -366,7 +388,7 @@ class ControlClient:
                 if self._closed.is_set():
                     return
                 code = err.code() if isinstance(err, grpc.Call) else None
-                if code not in RETRYABLE_CODES and code not in (
+                if not is_retryable(err) and code not in (
                     grpc.StatusCode.NOT_FOUND,
                     grpc.StatusCode.CANCELLED,
                     grpc.StatusCode.UNKNOWN,
@@ -457,7 +479,7 @@ class ControlClient:
             except grpc.RpcError as err:
                 if self._closed.is_set():
                     raise ClientClosed(f"{what}: control client closed during the call") from err
-                if isinstance(err, grpc.Call) and err.code() in RETRYABLE_CODES:
+                if is_retryable(err):
                     raise _Retryable(err) from err
                 raise error_from_rpc(err, what) from err
             except ValueError as err:

@@ -32,6 +32,15 @@ logger = logging.getLogger(__name__)
 # Ids prefix Redis keys and label metrics, so they are kept to a safe alphabet. \Z, not $: `$`
 # also matches before a final newline, which would let "gen-0\n" through.
 GENERATOR_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
+# Bounds on what a Register call may claim: each worker is a rank of the next broadcast group, so
+# a huge num_workers would make every join wait for ranks that never come (and 2**32 - 1
+# overflowed the group's world size). Tensor-parallel generators have at most a node's GPUs.
+MAX_WORKERS_PER_GENERATOR = 64
+# Backend and device names ("hf", "vllm", "cpu", "cuda:0") label metrics and logs.
+_NAME_PATTERN = re.compile(r"\A[A-Za-z0-9_.:-]{1,32}\Z")
+# A DNS name is at most 253 characters; an address literal is shorter.
+MAX_HOST_LENGTH = 255
+MAX_VOCAB_SIZE = 1 << 24
 # How often a blocked stream re-checks whether its RPC is still active: a cancelled Control call
 # frees its worker thread within this time.
 STREAM_POLL_S = 0.2
@@ -139,12 +148,27 @@ class GeneratorRegistry:
             raise InvalidArgument(
                 f"generator_id {generator_id!r} must match {GENERATOR_ID_PATTERN.pattern}"
             )
-        if num_workers < 1:
+        if not 1 <= num_workers <= MAX_WORKERS_PER_GENERATOR:
             raise InvalidArgument(
-                f"generator {generator_id}: num_workers must be >= 1, got {num_workers}"
+                f"generator {generator_id}: num_workers must be in 1..{MAX_WORKERS_PER_GENERATOR}"
+                f", got {num_workers}"
             )
-        if not backend:
-            raise InvalidArgument(f"generator {generator_id}: backend must be set")
+        for name, value in (("backend", backend), ("device", device)):
+            if not _NAME_PATTERN.match(value):
+                raise InvalidArgument(
+                    f"generator {generator_id}: {name} {value[:80]!r} must match "
+                    f"{_NAME_PATTERN.pattern}"
+                )
+        if len(host) > MAX_HOST_LENGTH or not host.isprintable():
+            raise InvalidArgument(
+                f"generator {generator_id}: host must be printable and at most "
+                f"{MAX_HOST_LENGTH} characters ({len(host)} given)"
+            )
+        if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
+            raise InvalidArgument(
+                f"generator {generator_id}: vocab_size must be in 1..{MAX_VOCAB_SIZE}, "
+                f"got {vocab_size}"
+            )
         if self._expected_vocab_size is not None and vocab_size != self._expected_vocab_size:
             raise InvalidArgument(
                 f"generator {generator_id} has vocab_size {vocab_size} but the learner's model has "

@@ -99,8 +99,9 @@ def build_server(
     port (port 0 binds a free one).
 
     Serves LearnerControl and grpc.health.v1 (SERVING). When ``config.require_auth`` is true every
-    call except health probes must carry ``auth_token``. TLS is on when ``config.tls_cert_file``
-    and ``tls_key_file`` are set.
+    call except health probes must carry ``auth_token`` (checked on metadata, before any body is
+    read); each peer address holds at most ``config.max_calls_per_peer`` calls. TLS is on when
+    ``config.tls_cert_file`` and ``tls_key_file`` are set.
     """
     if config.require_auth and not auth_token:
         raise ValueError(
@@ -111,8 +112,12 @@ def build_server(
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lpreg-grpc")
     server = grpc.server(
         pool,
-        interceptors=[ControlInterceptor(auth_token if config.require_auth else None)],
-        options=server_options(config.max_message_bytes),
+        interceptors=[
+            ControlInterceptor(
+                auth_token if config.require_auth else None, config.max_calls_per_peer
+            )
+        ],
+        options=server_options(config.max_message_bytes, config.max_calls_per_peer),
         # Beyond this, calls fail fast with RESOURCE_EXHAUSTED instead of queueing behind streams.
         maximum_concurrent_rpcs=workers,
     )
