@@ -88,7 +88,7 @@ TaskConfig = Annotated[
 
 class SamplingConfig(_Section):
     """How the behaviour policy samples. top_p = 1 and no top-k/min-p, always: the behaviour policy
-    must be the full-vocabulary distribution (docs/algorithm.md, "What the generators must send")."""
+    must be the full-vocabulary distribution (docs/algorithm.md section 5)."""
 
     num_samples: int = Field(
         8, ge=1, le=1024, description="Completions per prompt (GRPO group size)."
@@ -147,7 +147,7 @@ class LearnerConfig(_Section):
     prompts_per_step: int = Field(
         16,
         ge=1,
-        description="Prompt groups per optimiser step (B in the admission rule of docs/design.md).",
+        description="Prompt groups per optimiser step (B in docs/design.md section 4).",
     )
     micro_batch_sequences: int = Field(
         64, ge=1, description="Sequences per forward/backward micro-batch (memory bound)."
