@@ -9,7 +9,7 @@ tokens below the vocabulary size, at most max_new_tokens long, stamped with the 
 loaded); where it would load weights, it takes every bucket off the wire and touches each tensor.
 
     python benchmarks/_member_host.py CONFIG --members K --first-index I --id-prefix P
-        --out EVENTS.json [--set section.field=value ...]
+        --out EVENTS.json [--go-file PATH] [--set section.field=value ...]
 
 The learner address and Redis URL come from the config (or LPREG_LEARNER_ADDRESS and
 LPREG_REDIS_URL), the bearer token from LPREG_AUTH_TOKEN. On Shutdown (or SIGTERM) every member
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-index", type=int, default=0)
     parser.add_argument("--id-prefix", default="member")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--go-file", default=None, help="wait for this file before registering")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -325,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         Member(config, f"{args.id_prefix}-{i:03d}", vocab_size, seed=i)
         for i in range(args.first_index, args.first_index + args.members)
     ]
+    # Every host imports and builds its members first and says so; the benchmark then releases
+    # all members at once (the go file), so registration is timed as one burst of N, free of the
+    # process start-up skew.
+    if args.go_file:
+        Path(args.out + ".ready").write_text(str(time.time()))
+        while not Path(args.go_file).exists() and not stopped.is_set():
+            time.sleep(0.005)
     # Members register concurrently, as separate generators starting together would.
     starters = [threading.Thread(target=m.start, daemon=True) for m in members]
     for t in starters:

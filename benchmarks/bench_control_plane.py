@@ -13,7 +13,8 @@ all members; then it sends Shutdown and everyone exits.
 
 One JSON object goes to stdout (and ``--out``). Per member count:
 
-- registration_s: first Register call of any member to the last member's first registration.
+- registration_s: all members are released at once (every host has imported and built its
+  members first); from that moment to the last member's first registration returning.
 - publish_to_all_loaded_s: per trained version, from the learner starting the publish (its step
   record's time minus publish_s) to the last member's load report returning; p50 / p90 / max.
 - redis_commands_per_s: INFO commandstats call deltas over the measurement window (from step
@@ -59,6 +60,9 @@ DEFAULT_CONFIG = ROOT / "examples" / "tiny" / "config.yaml"
 MEMBER_HOST = ROOT / "benchmarks" / "_member_host.py"
 STOP_GRACE_S = 20.0
 POLL_S = 0.25
+# Calls one generator may hold on the learner at once (ControlConfig.max_calls_per_peer's
+# description: its Control stream, a heartbeat and one other).
+PEER_CALLS = 3
 
 
 def free_port() -> int:
@@ -180,6 +184,9 @@ def run_one(num_members: int, args: argparse.Namespace) -> dict[str, Any]:
         f"redis.url={redis_proc.url}",
         f"control.port={grpc_port}",
         f"control.learner_address=127.0.0.1:{grpc_port}",
+        # The cap counts calls per peer address; here every member shares 127.0.0.1, where in a
+        # cluster each generator has its own, so it is raised to what N separate peers may hold.
+        f"control.max_calls_per_peer={min(4096, max(64, PEER_CALLS * num_members))}",
         "broadcast.store_host=127.0.0.1",
         f"broadcast.store_port={store_port}",
         "metrics.learner_port=0",
@@ -217,6 +224,7 @@ def run_one(num_members: int, args: argparse.Namespace) -> dict[str, Any]:
         rpc_timeout_s=5.0,
     )
     stalled_reason: str | None = None
+    go: float | None = None
     window: dict[str, Any] = {}
     last_status = None
     try:
@@ -253,6 +261,8 @@ def run_one(num_members: int, args: argparse.Namespace) -> dict[str, Any]:
                         "gen",
                         "--out",
                         str(workdir / f"host-{h}.json"),
+                        "--go-file",
+                        str(workdir / "go"),
                     ],
                     cwd=ROOT,
                     env=env,
@@ -263,6 +273,14 @@ def run_one(num_members: int, args: argparse.Namespace) -> dict[str, Any]:
             )
             os.close(host_log)
         deadline = time.monotonic() + args.timeout_s
+        ready = [workdir / f"host-{h}.json.ready" for h in range(num_hosts)]
+        while not all(p.exists() for p in ready):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in hosts):
+                raise RuntimeError(f"member hosts did not start; see {workdir}/host-*.log")
+            time.sleep(0.05)
+        result["launch_to_hosts_ready_s"] = round(time.time() - launch, 2)
+        go = time.time()
+        (workdir / "go").write_text(str(go))
         last_step, last_progress = -1, time.monotonic()
         while learner.poll() is None:
             now = time.monotonic()
@@ -315,7 +333,7 @@ def run_one(num_members: int, args: argparse.Namespace) -> dict[str, Any]:
         redis_proc.stop()
 
     result.update(
-        _analyse(num_members, workdir, num_hosts, launch, window, last_status, stalled_reason, args)
+        _analyse(num_members, workdir, num_hosts, go, window, last_status, stalled_reason, args)
     )
     result["learner_exit_code"] = learner.returncode
     if args.keep:
@@ -341,7 +359,7 @@ def _analyse(
     num_members: int,
     workdir: Path,
     num_hosts: int,
-    launch: float,
+    go: float | None,
     window: dict[str, Any],
     last_status: Any,
     stalled_reason: str | None,
@@ -371,12 +389,9 @@ def _analyse(
     out["final_version"] = final_version
 
     first_calls = [m["register_calls"][0] for m in members if m["register_calls"]]
-    if len(first_calls) == num_members:
-        out["registration_s"] = round(
-            max(c[1] for c in first_calls) - min(c[0] for c in first_calls), 4
-        )
+    if len(first_calls) == num_members and go is not None:
+        out["registration_s"] = round(max(c[1] for c in first_calls) - go, 4)
         out["register_call_s"] = quantiles([c[1] - c[0] for c in first_calls])
-        out["launch_to_registered_s"] = round(max(c[1] for c in first_calls) - launch, 2)
     else:
         out["registration_s"] = None
 
@@ -492,7 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for n in args.members:
         print(f"[bench_control_plane] {n} members ...", file=sys.stderr, flush=True)
-        results[str(n)] = run_one(n, args)
+        try:
+            results[str(n)] = run_one(n, args)
+        except RuntimeError as e:  # one count failing to start must not lose the others
+            results[str(n)] = {"members": n, "stalled": True, "stall_reason": str(e)}
+            results[str(n)]["dropped_wrongly"] = None
     ok = [
         n
         for n in args.members
