@@ -759,6 +759,29 @@ def apply_override(
         set_by_overrides.add(".".join(parts))
 
 
+def _drop_variant_nulls(tree: dict[str, Any], model: type[BaseModel] = RunConfig) -> None:
+    """In a typed variant's block, ``null`` means "not set" (the variant's default). Helm merges
+    a values file's block into the example's, so switching the chart's ``config.learner.loss``
+    to another type clears the old variant's fields with ``--set config.learner.loss.kappa=null``
+    (docs/deploy.md)."""
+    for name, field in model.model_fields.items():
+        node = tree.get(name)
+        if not isinstance(node, dict):
+            continue
+        variants = variants_of(field.annotation)
+        if variants:
+            for key in [k for k, v in node.items() if v is None and k != "type"]:
+                del node[key]
+            default = field.get_default(call_default_factory=True)
+            chosen = variants.get(_variant_of(variants, node, default))
+            if chosen is not None:
+                _drop_variant_nulls(node, chosen)
+            continue
+        models = models_in(field.annotation)
+        if models:
+            _drop_variant_nulls(node, models[0])
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         with open(path) as f:  # a stream, so YAML errors name the file
@@ -786,6 +809,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     set_by_overrides: set[str] = set()
     for item in overrides or []:
         apply_override(tree, item, set_by_overrides=set_by_overrides)
+    _drop_variant_nulls(tree)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
