@@ -19,31 +19,41 @@ min-p filter as in a real rollout; max_abs_err_vs_float64 shows each path's own 
     .venv/bin/python benchmarks/bench_lpreg_loss.py            # N=2048, H=896, V=151936 (Qwen2.5-0.5B head)
     .venv/bin/python benchmarks/bench_lpreg_loss.py --quick    # N=512, under a minute on 2 cores
 
---device cuda measures in one process (CUDA events, torch.cuda peak allocations above the inputs)
-the learner's two passes for each path, in bfloat16 by default at N=8192, H=5120, V=151936 (a
-Qwen3-14B head):
-  proxy pass  no-grad log-probs, entropy and min-p proxy (the step-start pass)
-  train pass  log-probs and entropy, then backward through sum(w * log_probs) (no proxy)
-for naive, chunked (token_stats_from_hidden, backend="chunked"), triton (backend="triton", the
-CUDA default) and liger: Liger-Kernel's fused linear cross-entropy (train pass only: -sum log p,
-no entropy, no proxy), the speed reference, when liger_kernel imports (pure Python:
-pip install --no-deps liger-kernel==0.8.5); else liger_ms is null and liger_reason says why.
-Each figure is the median of --repeats after two warm-up runs. naive_ms, chunked_ms, triton_ms
-and liger_ms are train passes; step_ms adds the proxy pass. Tile sizes from --triton-blocks are
-also swept (train and proxy pass each). The JSON goes to stdout and to --out
-(default benchmarks/results/lpreg-loss-cuda.json).
+--device cuda measures in one process (CUDA events; torch.cuda peak allocation above the inputs)
+naive, the project's path and Liger-Kernel's fused linear cross-entropy as the anchor, on the
+same inputs in the same run, at N = 8,192 and 32,768 (--sizes) with Qwen2.5-7B's head (H = 3,584,
+V = 152,064) and bfloat16 inputs. Each path's train pass (forward, then backward through
+sum(w * log_probs)) is timed as the median of --repeats (5) after two warm-up runs:
+  naive    full (N, V) logits, log_softmax (and the no-grad entropy)
+  project  token_stats_from_hidden with the Triton kernels (the CUDA default): log-probs and
+           entropy, the (N, V) logits never materialised
+  liger    LigerFusedLinearCrossEntropyLoss(reduction="sum"): -sum log p, no entropy, no proxy
+Liger is imported from the installed package or else from a carried wheel (--liger-wheel, or
+benchmarks/wheels/liger_kernel-*.whl: pure Python, imported from the zip); without either,
+liger_ms is null and liger_reason says why. Per size ("8192", "32768") the JSON has exactly
+naive_ms (null where it does not fit: out of memory), project_ms, liger_ms, project_extra_gb,
+liger_extra_gb (GB = 1e9 bytes), time_ratio_vs_liger, mem_ratio_vs_liger (project / liger) and
+max_abs_err_vs_float64 (each path's log-probs on the first 64 tokens against float64); top-level
+device, the settings, goals_met (time <= 1.3x Liger at every size, below naive, extra peak memory
+<= 2x Liger's) and detail: per size the chunked path, the proxy pass (no-grad log-probs, entropy
+and min-p proxy, the learner's step-start pass) and step_ms = train + proxy pass, every peak, the
+errors of every output, gradients against naive's, and the --triton-blocks tile sweep. The JSON
+goes to stdout and to --json-out (default benchmarks/results/lpreg-loss-cuda.json).
 
     python3 benchmarks/bench_lpreg_loss.py --device cuda
+
+--smoke runs that same code path on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1)
+at tiny shapes, in under a minute, to check the JSON (timings and memory are meaningless there).
+
+    .venv/bin/python benchmarks/bench_lpreg_loss.py --smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -51,10 +61,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# --smoke runs the CUDA mode's code on CPU tensors through Triton's interpreter, which must be
+# chosen before triton is first imported (lpreg_core.loss imports it).
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+
+from lpreg_loss_helpers import (  # noqa: E402
+    DEFAULT_TRITON_BLOCKS,
+    DTYPES,
+    NUM_FLOAT64_ROWS,
+    NUM_WEIGHT_ROWS_COMPARED,
+    Timer,
+    float64_reference,
+    inputs,
+    liger_loss,
+    naive_stats,
+    naive_train,
+    package_version,
+    parse_blocks,
+    peak_rss_bytes,
+    sample_tokens,
+)
 
 from lpreg_core.loss import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
@@ -63,98 +95,12 @@ from lpreg_core.loss import (  # noqa: E402
     token_stats_from_hidden,
 )
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-_NUM_WEIGHT_ROWS_COMPARED = 4096
-"""Rows of the (V, H) weight gradient written out for the comparison (all of it would be GBs)."""
-_NUM_FLOAT64_ROWS = 64
-"""Tokens recomputed in float64 to measure each path's own rounding error."""
-_SAMPLE_CHUNK = 128
-"""Rows of logits at a time when sampling the benchmark's tokens (in the parent, not measured)."""
-
-
-def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process.
-
-    VmHWM is the high-water mark of this process image; ru_maxrss would also count the parent's
-    pages inherited through fork before exec, which hid the fused path's peak under the parent's.
-    """
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _inputs(
-    args: argparse.Namespace, device: str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Deterministic hidden states, head weight and loss weights with LM-like logits."""
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    dtype = _DTYPES[args.dtype]
-    hidden = torch.randn(args.n, args.hidden, generator=gen, device=device).to(dtype)
-    # Logit standard deviation about 3, so min-p at kappa=0.02 keeps a few dozen tokens per row.
-    # Scaled in place: a temporary copy of the weight would inflate both peaks by V * H * 4 bytes.
-    weight = torch.randn(args.vocab, args.hidden, generator=gen, device=device)
-    weight = weight.mul_(3.0 / args.hidden**0.5).to(dtype)
-    loss_weights = torch.randn(args.n, generator=gen, dtype=torch.float64, device=device)
-    return hidden.requires_grad_(), weight.requires_grad_(), loss_weights.to(dtype)
-
-
-def _sample_tokens(
-    args: argparse.Namespace, hidden: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
-    """Tokens drawn from the policy itself, as in a rollout: most survive min-p, a few are noise."""
-    gen = torch.Generator(device=hidden.device).manual_seed(args.seed + 1)
-    samples = []
-    with torch.no_grad():
-        head = weight.detach().float()
-        for rows in hidden.detach().split(_SAMPLE_CHUNK):
-            logits = rows.float() @ head.t()
-            probs = torch.softmax(logits / args.temperature, dim=-1)
-            samples.append(torch.multinomial(probs, 1, generator=gen).squeeze(-1))
-    return torch.cat(samples)
-
-
-def _naive_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, args: argparse.Namespace
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Full-logits path as the Lp-Reg fork of verl 0.3 computes it (dp_actor, torch_functional).
-
-    log_softmax replaces verl's per-row logsumexp loop (logprobs_from_logits_v2), which takes
-    about 14 ms per row on this CPU and would make the baseline a strawman.
-    """
-    logits = hidden @ weight.t()
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    scaled = logits / args.temperature if args.temperature != 1.0 else logits
-    log_probs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        # entropy_from_logits: logsumexp(z) - sum(softmax(z) * z)
-        probs = torch.softmax(scaled, dim=-1)
-        entropy = torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(dim=-1)
-        del probs
-        # apply_min_p: chunks of 4096 rows, clone, softmax at T = 1, filtered logits := -1e4.
-        filtered_chunks = []
-        for chunk in torch.split(logits.detach(), 4096, dim=0):
-            cloned = chunk.clone()
-            chunk_probs = torch.softmax(cloned, dim=-1)
-            threshold = args.kappa * torch.amax(chunk_probs, dim=-1, keepdim=True)
-            cloned[chunk_probs < threshold] = -1e4
-            del chunk_probs
-            filtered_chunks.append(cloned)
-        filtered = torch.cat(filtered_chunks, dim=0)
-        del filtered_chunks
-        filtered.div_(args.temperature)
-        proxy = torch.log_softmax(filtered, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        del filtered
-    return log_probs, entropy, proxy
-
 
 def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    hidden, weight, loss_weights = _inputs(args)
+    hidden, weight, loss_weights = inputs(args)
     tokens = torch.load(args.tokens)
-    setup_rss = _peak_rss_bytes()
+    setup_rss = peak_rss_bytes()
     times_s, forward_times_s, cpu_times_s = [], [], []
     for _ in range(args.repeats):
         hidden.grad = None
@@ -162,7 +108,7 @@ def _worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         cpu_start = time.process_time()
         if args.worker == "naive":
-            log_probs, entropy, proxy = _naive_stats(hidden, weight, tokens, args)
+            log_probs, entropy, proxy = naive_stats(hidden, weight, tokens, args)
         else:
             stats = token_stats_from_hidden(
                 hidden,
@@ -184,13 +130,13 @@ def _worker(args: argparse.Namespace) -> None:
         "all_total_s": times_s,
         "cpu_s": min(cpu_times_s),
         "setup_rss_bytes": setup_rss,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "log_probs": log_probs.detach(),
         "entropy": entropy.detach(),
         "proxy_log_probs": proxy.detach(),
         "grad_hidden": hidden.grad,
         "grad_weight_rows": torch.cat(
-            [weight.grad[:_NUM_WEIGHT_ROWS_COMPARED], weight.grad[tokens]], dim=0
+            [weight.grad[:NUM_WEIGHT_ROWS_COMPARED], weight.grad[tokens]], dim=0
         ),
     }
     torch.save(result, args.out)
@@ -204,18 +150,9 @@ def _float64_errors(
     results: dict[str, dict],
 ) -> dict[str, dict[str, float]]:
     """Max abs error of each path against float64 on the first rows (kept proxy tokens only)."""
-    rows = min(args.n, _NUM_FLOAT64_ROWS)
-    with torch.no_grad():
-        logits = hidden.detach()[:rows].double() @ weight.detach().double().t()
-        log_softmax = torch.log_softmax(logits / args.temperature, dim=-1)
-        idx = tokens[:rows].unsqueeze(-1)
-        want = {
-            "log_probs": log_softmax.gather(-1, idx).squeeze(-1),
-            "entropy": -(log_softmax.exp() * log_softmax).sum(dim=-1),
-        }
-        probs = torch.softmax(logits, dim=-1)
-        filtered = logits.masked_fill(probs < args.kappa * probs.amax(dim=-1, keepdim=True), -1e4)
-        proxy = torch.log_softmax(filtered / args.temperature, dim=-1).gather(-1, idx).squeeze(-1)
+    rows = min(args.n, NUM_FLOAT64_ROWS)
+    want = float64_reference(hidden, weight, tokens, args.temperature, args.kappa, rows)
+    proxy = want.pop("proxy_log_probs")
     kept = proxy > -1e3
     errors = {}
     for kind, result in results.items():
@@ -296,110 +233,48 @@ def _max_abs_diffs(naive: dict, fused: dict) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# In-process measurement (--device cuda): the learner's two passes per path
+# In-process measurement (--device cuda; --in-process; --smoke): every path at each size
 # ---------------------------------------------------------------------------------------------
 
-_WARMUP_RUNS = 2
-"""Untimed runs before timing: Triton compiles its kernels, cuBLAS picks its algorithms."""
-_DEFAULT_TRITON_BLOCKS = "64x128x64w8s3,128x128x64w8s3,64x256x64w8s3,128x256x64w8s3"
+_GB = 1e9
+_CUDA_SIZES = "8192,32768"
+_CUDA_HIDDEN, _CUDA_VOCAB = 3584, 152064
+"""The LM head of Qwen2.5-7B (hidden size, vocabulary)."""
+_SMOKE_SIZES, _SMOKE_HIDDEN, _SMOKE_VOCAB = "32,64", 32, 256
+_SMOKE_BLOCKS = "16x32x16w4s1"
+_TIME_GOAL_VS_LIGER = 1.3
+_MEM_GOAL_VS_LIGER = 2.0
 
 
-def _parse_blocks(text: str) -> list[Any]:
-    """'64x128x64w8s3,...' -> TritonBlocks(block_n=64, block_v=128, block_h=64, num_warps=8,
-    num_stages=3) each."""
-    from lpreg_core.loss.triton_stats import TritonBlocks
-
-    blocks = []
-    for item in filter(None, text.split(",")):
-        tiles, _, rest = item.partition("w")
-        warps, _, stages = rest.partition("s")
-        n, v, h = (int(x) for x in tiles.split("x"))
-        blocks.append(TritonBlocks(n, v, h, num_warps=int(warps), num_stages=int(stages)))
-    return blocks
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
 
 
-def _naive_train(
-    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The train pass of the full-logits path: differentiable log-probs, no-grad entropy."""
-    logits = (hidden @ weight.t()).float()
-    scaled = logits / temperature if temperature != 1.0 else logits
-    log_probs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        probs = torch.softmax(scaled, dim=-1)
-        entropy = torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(dim=-1)
-    return log_probs, entropy
+def _gb(num_bytes: int | None) -> float | None:
+    return None if num_bytes is None else num_bytes / _GB
 
 
-class _Timer:
-    """Wall time of fn() in milliseconds: CUDA events on a GPU, perf_counter elsewhere."""
-
-    def __init__(self, device: torch.device, repeats: int) -> None:
-        self.device = device
-        self.repeats = repeats
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def median_ms(self, fn: Any) -> float:
-        for _ in range(_WARMUP_RUNS):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            if self.device.type == "cuda":
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                begin = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - begin) * 1e3)
-        return float(sorted(times)[len(times) // 2])
-
-    def peak_bytes(self, fn: Any) -> int | None:
-        """Peak device allocation during fn() above what was allocated before it (GPU only)."""
-        if self.device.type != "cuda":
-            return None
-        self._sync()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        fn()
-        self._sync()
-        return int(torch.cuda.max_memory_allocated(self.device) - before)
-
-
-def _package_version(name: str) -> str | None:
+def _project_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """The project's path on this device: the Triton kernels where they run, else what "auto"
+    picks (the chunked path), with the reason."""
     try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+        return select_stats_backend("triton", device, dtype).name, "triton kernels"
+    except RuntimeError as exc:
+        choice = select_stats_backend("auto", device, dtype)
+        return choice.name, f"{exc}; auto picked {choice.name} ({choice.reason})"
 
 
-def _liger_loss() -> tuple[Any, str | None, str | None]:
-    """Liger-Kernel's fused linear cross-entropy (sum over tokens), its version, or the reason."""
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError as exc:
-        return None, None, f"liger_kernel does not import: {exc}"
-    return LigerFusedLinearCrossEntropyLoss(reduction="sum"), _package_version("liger-kernel"), None
-
-
-def _in_process(args: argparse.Namespace) -> dict[str, Any]:
-    """Every path's two passes, timed and measured in this process (see the module docstring)."""
-    device = torch.device(args.device)
-    hidden, weight, loss_weights = _inputs(args, args.device)
-    tokens = _sample_tokens(args, hidden, weight)
+def _measure_size(
+    args: argparse.Namespace, n: int, device: torch.device, liger: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One size: (the issue's figures, the detail) for naive, project, chunked and liger."""
+    size_args = argparse.Namespace(**{**vars(args), "n": n})
+    hidden, weight, loss_weights = inputs(size_args, args.device)
+    tokens = sample_tokens(size_args, hidden, weight)
     proxy = ProxyFilter(kappa=args.kappa)
-    timer = _Timer(device, args.repeats)
-    rows = min(args.n, _NUM_FLOAT64_ROWS)
+    timer = Timer(device, args.repeats)
+    rows = min(n, NUM_FLOAT64_ROWS)
+    project_backend, project_reason = _project_backend(device, hidden.dtype)
 
     def zero_grads() -> None:
         hidden.grad = None
@@ -434,60 +309,71 @@ def _in_process(args: argparse.Namespace) -> dict[str, Any]:
 
     def naive_proxy_pass() -> Any:
         with torch.no_grad():
-            return _naive_stats(hidden, weight, tokens, args)
+            return naive_stats(hidden, weight, tokens, args)
 
     def naive_train_pass() -> Any:
         zero_grads()
-        log_probs, entropy = _naive_train(hidden, weight, tokens, args.temperature)
+        log_probs, entropy = naive_train(hidden, weight, tokens, args.temperature)
         (log_probs * loss_weights.to(log_probs.dtype)).sum().backward()
         return log_probs, entropy
 
-    paths: dict[str, tuple[Any, Any]] = {"naive": (naive_proxy_pass, naive_train_pass)}
-    skipped: dict[str, str] = {}
-    for backend in ("chunked", "triton"):
-        try:
-            select_stats_backend(backend, device, hidden.dtype)  # type: ignore[arg-type]
-        except RuntimeError as exc:
-            skipped[backend] = str(exc)
-            continue
-        paths[backend] = passes(stats_fn(backend))
-    liger, liger_version, liger_reason = _liger_loss()
-    if liger is not None and device.type == "cuda":
+    paths: dict[str, tuple[Any, Any]] = {
+        "naive": (naive_proxy_pass, naive_train_pass),
+        "project": passes(stats_fn(project_backend)),
+    }
+    if project_backend != "chunked":
+        paths["chunked"] = passes(stats_fn("chunked"))
+    if liger is not None:
 
         def liger_train_pass() -> None:
             zero_grads()
             liger(weight, hidden, tokens).backward()
 
         paths["liger"] = (None, liger_train_pass)
-    elif liger is not None:
-        liger_reason = "Liger's kernels need a CUDA device"
 
-    report: dict[str, Any] = {"proxy_pass_ms": {}, "train_pass_ms": {}, "peak_mem_bytes": {}}
+    train: dict[str, float] = {}
+    proxy_ms: dict[str, float] = {}
+    peaks: dict[str, dict[str, int | None]] = {}
     outputs: dict[str, dict[str, torch.Tensor]] = {}
+    failed: dict[str, str] = {}
     for name, (proxy_pass, train_pass) in paths.items():
-        report["train_pass_ms"][name] = timer.median_ms(train_pass)
-        peaks = {"train_pass": timer.peak_bytes(train_pass)}
-        out: dict[str, torch.Tensor] = {}
-        if name != "liger":
-            result = train_pass()
-            log_probs, entropy = (result.log_probs, result.entropy) if name != "naive" else result
-            out["log_probs"], out["entropy"] = log_probs[:rows].detach(), entropy[:rows].detach()
-        assert hidden.grad is not None and weight.grad is not None
-        out["grad_hidden"] = hidden.grad[:rows].float()
-        out["grad_weight_rows"] = weight.grad[tokens[:rows]].float()
-        if proxy_pass is not None:
-            report["proxy_pass_ms"][name] = timer.median_ms(proxy_pass)
-            peaks["proxy_pass"] = timer.peak_bytes(proxy_pass)
-            result = proxy_pass()
-            proxy_log_probs = result.proxy_log_probs if name != "naive" else result[2]
-            out["proxy_log_probs"] = proxy_log_probs[:rows]
-        report["peak_mem_bytes"][name] = peaks
-        outputs[name] = out
-        zero_grads()
+        try:
+            train[name] = timer.median_ms(train_pass)
+            peaks[name] = {"train_pass": timer.peak_bytes(train_pass)}
+            out: dict[str, torch.Tensor] = {}
+            if name != "liger":
+                result = train_pass()
+                log_probs, entropy = (
+                    (result.log_probs, result.entropy) if name != "naive" else result
+                )
+                out["log_probs"], out["entropy"] = (
+                    log_probs[:rows].detach(),
+                    entropy[:rows].detach(),
+                )
+            assert hidden.grad is not None and weight.grad is not None
+            out["grad_hidden"] = hidden.grad[:rows].float()
+            out["grad_weight_rows"] = weight.grad[tokens[:rows]].float()
+            if proxy_pass is not None:
+                proxy_ms[name] = timer.median_ms(proxy_pass)
+                peaks[name]["proxy_pass"] = timer.peak_bytes(proxy_pass)
+                result = proxy_pass()
+                proxy_log_probs = result.proxy_log_probs if name != "naive" else result[2]
+                out["proxy_log_probs"] = proxy_log_probs[:rows]
+            outputs[name] = out
+        except torch.OutOfMemoryError as exc:
+            # The naive path's full (N, V) logits do not fit at the larger sizes: reported as
+            # null with the reason, the other paths still measured.
+            failed[name] = f"out of memory: {str(exc).splitlines()[0]}"
+            train.pop(name, None)
+            proxy_ms.pop(name, None)
+        finally:
+            zero_grads()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     sweep = []
-    if "triton" in paths:
-        for blocks in _parse_blocks(args.triton_blocks):
+    if project_backend == "triton" and "project" in train:
+        for blocks in parse_blocks(args.triton_blocks):
             proxy_pass, train_pass = passes(stats_fn("triton", blocks))
             sweep.append(
                 {
@@ -497,41 +383,8 @@ def _in_process(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
             zero_grads()
-    return _in_process_report(
-        args, device, hidden, weight, tokens, report, outputs, sweep, skipped,
-        liger_version, liger_reason,
-    )  # fmt: skip
 
-
-def _in_process_report(
-    args: argparse.Namespace,
-    device: torch.device,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    tokens: torch.Tensor,
-    report: dict[str, Any],
-    outputs: dict[str, dict[str, torch.Tensor]],
-    sweep: list[dict[str, Any]],
-    skipped: dict[str, str],
-    liger_version: str | None,
-    liger_reason: str | None,
-) -> dict[str, Any]:
-    train, proxy, peaks = report["train_pass_ms"], report["proxy_pass_ms"], report["peak_mem_bytes"]
-    step = {name: train[name] + proxy[name] for name in proxy}
-    rows = min(args.n, _NUM_FLOAT64_ROWS)
-    with torch.no_grad():
-        logits = hidden.detach()[:rows].double() @ weight.detach().double().t()
-        log_softmax = torch.log_softmax(logits / args.temperature, dim=-1)
-        idx = tokens[:rows].unsqueeze(-1)
-        probs = torch.softmax(logits, dim=-1)
-        filtered = logits.masked_fill(probs < args.kappa * probs.amax(dim=-1, keepdim=True), -1e4)
-        want = {
-            "log_probs": log_softmax.gather(-1, idx).squeeze(-1),
-            "entropy": -(log_softmax.exp() * log_softmax).sum(dim=-1),
-            "proxy_log_probs": torch.log_softmax(filtered / args.temperature, dim=-1)
-            .gather(-1, idx)
-            .squeeze(-1),
-        }
+    want = float64_reference(hidden, weight, tokens, args.temperature, args.kappa, rows)
     kept = want["proxy_log_probs"] > -1e3
     errors: dict[str, dict[str, float]] = {}
     grad_diffs: dict[str, dict[str, float]] = {}
@@ -539,34 +392,76 @@ def _in_process_report(
         errs = {}
         for key, value in want.items():
             if key in out:
-                got = out[key].double()
                 sel = kept if key == "proxy_log_probs" else torch.ones_like(kept)
-                errs[key] = float((got[sel] - value[sel]).abs().max())
+                errs[key] = float((out[key].double()[sel] - value[sel]).abs().max())
         errors[name] = errs
-        if name != "naive":
-            # Liger's gradient is of -sum log p, the others' of sum(w * log p): compare directions
-            # only where the upstream gradients agree (every path but liger).
+        # Liger's gradient is of -sum log p, the others' of sum(w * log p): only the others'
+        # gradients are compared with the naive path's.
+        if name not in ("naive", "liger") and "naive" in outputs:
             grad_diffs[name] = {
                 key: float((out[key] - outputs["naive"][key]).abs().max())
                 / max(float(outputs["naive"][key].abs().max()), 1e-30)
                 for key in ("grad_hidden", "grad_weight_rows")
-            } if name != "liger" else {}  # fmt: skip
-    best = min(sweep, key=lambda r: r["train_pass_ms"] + r["proxy_pass_ms"]) if sweep else None
+            }
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None else a / b
+    def train_peak(name: str) -> int | None:
+        return peaks.get(name, {}).get("train_pass")
 
-    def peak_of(name: str) -> int | None:
-        values = [v for v in peaks.get(name, {}).values() if v is not None]
-        return max(values) if values else None
+    figures = {
+        "naive_ms": train.get("naive"),
+        "project_ms": train.get("project"),
+        "liger_ms": train.get("liger"),
+        "project_extra_gb": _gb(train_peak("project")),
+        "liger_extra_gb": _gb(train_peak("liger")),
+        "time_ratio_vs_liger": _ratio(train.get("project"), train.get("liger")),
+        "mem_ratio_vs_liger": _ratio(train_peak("project"), train_peak("liger")),
+        "max_abs_err_vs_float64": {
+            name: errs["log_probs"] for name, errs in errors.items() if "log_probs" in errs
+        },
+    }
+    step = {name: train[name] + proxy_ms[name] for name in proxy_ms if name in train}
+    detail = {
+        "project_backend": project_backend,
+        "project_backend_reason": project_reason,
+        "failed": failed,
+        "naive_extra_gb": _gb(train_peak("naive")),
+        "chunked_ms": train.get("chunked"),
+        "time_ratio_vs_naive": _ratio(train.get("project"), train.get("naive")),
+        "train_pass_ms": train,
+        "proxy_pass_ms": proxy_ms,
+        "step_ms": step,
+        "step_time_ratio_vs_naive": _ratio(step.get("project"), step.get("naive")),
+        "peak_mem_bytes": peaks,
+        "max_abs_err_vs_float64": errors,
+        "grad_max_rel_diff_vs_naive": grad_diffs,
+        "triton_blocks_sweep": sweep,
+        "best_triton_blocks": min(sweep, key=lambda r: r["train_pass_ms"] + r["proxy_pass_ms"])
+        if sweep
+        else None,
+    }
+    return figures, detail
 
-    return {
+
+def _in_process(args: argparse.Namespace) -> dict[str, Any]:
+    """Every path at every size of --sizes, measured in this process (see the module docstring).
+
+    Per size (the issue's figures): naive_ms, project_ms, liger_ms (train passes, median of
+    --repeats), project_extra_gb and liger_extra_gb (peak allocation above the inputs during the
+    train pass; CUDA only), their ratios, and each path's max abs error of the log-probs against
+    float64. Everything else is under "detail"."""
+    device = torch.device(args.device)
+    liger, liger_version, liger_reason = liger_loss(args.liger_wheel)
+    if liger is not None and device.type != "cuda":
+        liger, liger_reason = None, "Liger's kernels need a CUDA device"
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    result: dict[str, Any] = {
         "device": args.device,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "triton": _package_version("triton"),
+        "triton": package_version("triton"),
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
         "liger_kernel": liger_version,
-        "n": args.n,
+        "liger_reason": liger_reason,
         "hidden": args.hidden,
         "vocab": args.vocab,
         "dtype": args.dtype,
@@ -574,26 +469,37 @@ def _in_process_report(
         "kappa": args.kappa,
         "chunk_size": args.chunk_size,
         "repeats": args.repeats,
-        "naive_ms": train.get("naive"),
-        "chunked_ms": train.get("chunked"),
-        "triton_ms": train.get("triton"),
-        "liger_ms": train.get("liger"),
-        "liger_reason": None if "liger" in train else liger_reason,
-        "step_ms": step,
-        "proxy_pass_ms": proxy,
-        "train_pass_ms": train,
-        "time_ratio_triton_vs_naive": ratio(train.get("triton"), train.get("naive")),
-        "time_ratio_triton_vs_liger": ratio(train.get("triton"), train.get("liger")),
-        "step_time_ratio_triton_vs_naive": ratio(step.get("triton"), step.get("naive")),
-        "peak_mem_bytes": peaks,
-        "peak_mem_ratio_triton_vs_naive": ratio(peak_of("triton"), peak_of("naive")),
-        "peak_mem_ratio_triton_vs_liger": ratio(peak_of("triton"), peak_of("liger")),
-        "max_abs_err_vs_float64": errors,
-        "grad_max_rel_diff_vs_naive": grad_diffs,
-        "skipped_paths": skipped,
-        "triton_blocks_sweep": sweep,
-        "best_triton_blocks": best,
+        "sizes": sizes,
     }
+    detail: dict[str, Any] = {}
+    for n in sizes:
+        print(f"bench_lpreg_loss: N={n}", file=sys.stderr, flush=True)
+        result[str(n)], detail[str(n)] = _measure_size(args, n, device, liger)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the size's tensors went with _measure_size's frame
+    figures = [result[str(n)] for n in sizes]
+
+    def all_of(values: list[bool | None]) -> bool | None:
+        return None if any(v is None for v in values) else all(values)
+
+    result["goals_met"] = {
+        f"time_le_{_TIME_GOAL_VS_LIGER}x_liger": all_of(
+            [None if f["time_ratio_vs_liger"] is None else f["time_ratio_vs_liger"]
+             <= _TIME_GOAL_VS_LIGER for f in figures]
+        ),
+        "time_below_naive": all_of(
+            [f["project_ms"] < f["naive_ms"] for f in figures if f["naive_ms"] is not None]
+            or [None]
+        ),
+        f"mem_le_{_MEM_GOAL_VS_LIGER}x_liger": all_of(
+            [None if f["mem_ratio_vs_liger"] is None else f["mem_ratio_vs_liger"]
+             <= _MEM_GOAL_VS_LIGER for f in figures]
+        ),
+    }  # fmt: skip
+    if device.type != "cuda":
+        result["peak_memory_reason"] = "peak memory is measured on CUDA devices only"
+    result["detail"] = detail
+    return result
 
 
 def main() -> None:
@@ -608,22 +514,48 @@ def main() -> None:
         help="measure every path in this process, as --device cuda always does",
     )
     parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the --device cuda code path on CPU under TRITON_INTERPRET=1, tiny shapes (a test)",
+    )
+    parser.add_argument(
         "--n",
         type=int,
         default=None,
-        help="tokens (default 2048, 512 with --quick; 8192 on cuda)",
+        help="tokens on cpu (default 2048, 512 with --quick); in process, the same as --sizes N",
     )
     parser.add_argument(
-        "--hidden", type=int, default=None, help="hidden size H (default 896; 5120 on cuda)"
+        "--sizes",
+        default=None,
+        help=f"token counts measured in process, comma-separated (default {_CUDA_SIZES})",
     )
-    parser.add_argument("--vocab", type=int, default=151936, help="vocabulary size V")
     parser.add_argument(
-        "--dtype", choices=sorted(_DTYPES), default=None, help="default float32; bfloat16 on cuda"
+        "--hidden",
+        type=int,
+        default=None,
+        help=f"hidden size H (default 896 on cpu; {_CUDA_HIDDEN} in process)",
+    )
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=None,
+        help=f"vocabulary size V (default 151936 on cpu; {_CUDA_VOCAB} in process)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default float32; bfloat16 on cuda"
     )
     parser.add_argument(
         "--triton-blocks",
-        default=_DEFAULT_TRITON_BLOCKS,
-        help="Triton tiles to sweep, NxVxH w<warps> s<stages>, comma-separated",
+        default=None,
+        help="Triton tiles to sweep, NxVxH w<warps> s<stages>, comma-separated "
+        f"(default {DEFAULT_TRITON_BLOCKS})",
+    )
+    parser.add_argument(
+        "--liger-wheel",
+        type=Path,
+        default=None,
+        help="a liger_kernel wheel to import Liger from when it is not installed "
+        "(default: benchmarks/wheels/liger_kernel-*.whl)",
     )
     parser.add_argument(
         "--json-out",
@@ -651,20 +583,37 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.device, args.in_process = "cpu", True
+        args.sizes = args.sizes or _SMOKE_SIZES
+        args.hidden = args.hidden or _SMOKE_HIDDEN
+        args.vocab = args.vocab or _SMOKE_VOCAB
+        args.triton_blocks = args.triton_blocks or _SMOKE_BLOCKS
+        args.repeats = args.repeats or 1
+        args.chunk_size = min(args.chunk_size, 32)
+        args.dtype = args.dtype or "float32"
+        args.threads = 1
     on_gpu = args.device == "cuda"
     in_process = on_gpu or args.in_process
-    if args.n is None:
-        args.n = 512 if args.quick else 8192 if on_gpu else 2048
+    if in_process:
+        args.sizes = args.sizes or (str(args.n) if args.n else _CUDA_SIZES)
+        args.n = None
+    elif args.n is None:
+        args.n = 512 if args.quick else 2048
     if args.hidden is None:
-        args.hidden = 5120 if on_gpu else 896
+        args.hidden = _CUDA_HIDDEN if in_process else 896
+    if args.vocab is None:
+        args.vocab = _CUDA_VOCAB if in_process else 151936
     if args.dtype is None:
         args.dtype = "bfloat16" if on_gpu else "float32"
     if args.repeats is None:
         args.repeats = 5 if in_process else 1
+    args.triton_blocks = args.triton_blocks or DEFAULT_TRITON_BLOCKS
     if args.worker:
         _worker(args)
         return
     if in_process:
+        torch.set_num_threads(args.threads)
         result = _in_process(args)
         text = json.dumps(result, indent=1)
         out = args.json_out or (
@@ -677,8 +626,8 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    hidden, weight, _ = _inputs(args)
-    tokens = _sample_tokens(args, hidden, weight)
+    hidden, weight, _ = inputs(args)
+    tokens = sample_tokens(args, hidden, weight)
     with tempfile.TemporaryDirectory(prefix="bench_lpreg_") as tmp:
         tokens_path = Path(tmp) / "tokens.pt"
         torch.save(tokens, tokens_path)
