@@ -48,6 +48,9 @@ def port_problem(host: str, port: int, setting: str, hint: str = "") -> str | No
     if port == 0:
         return None
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # As the servers themselves bind: connections of a killed predecessor lingering in
+        # TIME_WAIT must not count as "in use" (a restarted learner takes its ports back).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
