@@ -594,6 +594,18 @@ def run_chaos(base: Path, steps: int, kills: int) -> dict[str, Any]:
     }
 
 
+def guarded(
+    what: str, run: Callable[[], dict[str, Any]], per_attack: bool = False
+) -> dict[str, Any]:
+    """``run()``, or a result that says it failed (a run that breaks is not an attack held)."""
+    try:
+        return run()
+    except Exception as e:
+        log(f"{what} failed: {type(e).__name__}: {e}")
+        failed = result(False, f"{what} failed: {type(e).__name__}: {e}")
+        return {"run": failed} if per_attack else failed
+
+
 def restart_generator(c: LocalCluster, gid: str) -> None:
     c.kill(c.generators[gid], signal.SIGKILL)
     c.start_generator(gid)
@@ -621,12 +633,14 @@ def main() -> int:
     start = time.monotonic()
     attacks: dict[str, Any] = {}
     if not args.skip_attacks:
-        attacks = run_attacks(base)
-        attacks["5_redis_stopped_20s"] = run_outage(base)
+        attacks = guarded("attack run", lambda: run_attacks(base), per_attack=True)
+        attacks["5_redis_stopped_20s"] = guarded("outage run", lambda: run_outage(base))
     report: dict[str, Any] = {"attacks": attacks}
     if not args.skip_chaos:
         log(f"chaos: {args.chaos_steps} steps, {args.chaos_kills} learner kills")
-        report["chaos"] = run_chaos(base, args.chaos_steps, args.chaos_kills)
+        report["chaos"] = guarded(
+            "chaos run", lambda: run_chaos(base, args.chaos_steps, args.chaos_kills)
+        )
     report["all_held"] = (
         all(a["held"] for a in attacks.values()) and report.get("chaos", {"held": True})["held"]
     )
