@@ -1,7 +1,7 @@
 # The two commands a new user needs:
 #   make demo   set up, then train the tiny task locally (a few minutes on 2 CPU cores)
 #   make test   set up, then run every check and test
-.PHONY: setup demo test lint protos clean smollm2
+.PHONY: setup demo test lint protos clean smollm2 bench
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,21 @@ test:
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy lpreg_core services
+
+# Every benchmark at its default (quick) size, each printing one JSON object (kept beside it as
+# benchmarks/results/NAME.json); benchmarks/results/latest.json holds them all, keyed by name.
+BENCHMARKS := bench_async bench_weight_sync bench_transport bench_learner bench_lpreg_loss
+bench: setup
+	@mkdir -p benchmarks/results
+	@for b in $(BENCHMARKS); do \
+	  echo "== $$b" >&2; \
+	  args=""; if [ "$$b" = bench_lpreg_loss ]; then args="--quick"; fi; \
+	  .venv/bin/python benchmarks/$$b.py $$args > benchmarks/results/$$b.json || exit 1; \
+	done
+	@.venv/bin/python -c 'import json, sys; \
+	  print(json.dumps({b: json.load(open(f"benchmarks/results/{b}.json")) for b in sys.argv[1:]}, indent=1))' \
+	  $(BENCHMARKS) > benchmarks/results/latest.json
+	@echo "wrote benchmarks/results/latest.json" >&2
 
 protos: setup
 	.venv/bin/python scripts/gen_protos.py
