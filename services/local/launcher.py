@@ -150,8 +150,10 @@ def run_local(
             if all(g.poll() is not None for g in cluster.generators.values()):
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since > GENERATORS_GONE_GRACE_S:
+                    first = next(iter(cluster.generators))
                     print(
-                        f"lpreg local: every generator exited; see {run_dir}/logs",
+                        f"lpreg local: every generator exited; the last lines of {first}'s log:\n"
+                        f"{_tail(run_dir / 'logs' / f'{first}.log')}\n(all logs in {run_dir}/logs)",
                         file=sys.stderr,
                     )
                     break
