@@ -9,7 +9,11 @@ from pathlib import Path
 from importcheck import imported_roots
 
 SERVICES = Path(__file__).resolve().parents[2] / "services"
-LOOPS = [SERVICES / "learner" / "loop.py", SERVICES / "generator" / "loop.py"]
+LOOPS = [
+    SERVICES / "learner" / "loop.py",
+    SERVICES / "learner" / "loop_parts.py",
+    SERVICES / "generator" / "loop.py",
+]
 FORBIDDEN = {"redis", "grpc", "grpc_health", "socket", "subprocess", "http"}
 
 
