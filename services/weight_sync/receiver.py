@@ -195,8 +195,9 @@ class BucketStream:
                 raise self.error
 
     def close(self) -> None:
-        """End the stream. Before the end, receive and discard the remaining buckets (the
-        publish goes on for the learner and the other members); never raises, see ``error``."""
+        """End the stream. Closed before its last bucket, it receives, checks and discards the
+        rest, so the publish completes for the learner and the other members. Never raises: a
+        failure or mismatch met on the way is in ``error``."""
         if self._done:
             return
         self._pending = []
@@ -232,7 +233,8 @@ class BucketStream:
 
 
 class WeightReceiver:
-    """Generator side: one per worker (rank >= 1). ``join`` an epoch, ``receive`` each publish."""
+    """Generator side: one per worker (rank >= 1). ``join`` an epoch, then ``receive_buckets``
+    each publish and load it as it arrives."""
 
     def __init__(self, *, device_host: str | None = None) -> None:
         # Address Gloo binds on; by default the local address on the route to the learner's store.
@@ -418,7 +420,7 @@ class WeightReceiver:
         device = self._group.device if self._group is not None else "cpu"
         stream = self.receive_buckets(manifest, device, timeout_s)
         stream.close()
-        if stream.error is not None and isinstance(stream.error, BroadcastFailed):
+        if isinstance(stream.error, BroadcastFailed):
             raise stream.error
 
     def _stream_failed(self, stream: BucketStream) -> None:

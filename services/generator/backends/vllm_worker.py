@@ -4,8 +4,9 @@ vLLM mixes this class into its worker class (``worker_extension_cls``); the back
 ``collective_rpc("lpreg_...")``, which runs the method on every worker at once. Each worker is a
 rank of its own in the learner's broadcast group (rank = JoinGroup.rank_offset + the worker's
 vLLM rank), so a tensor-parallel engine receives the full weights on every shard, bucket by
-bucket, and ``reload_weights`` slices them as at start-up while they arrive: each worker holds at
-most two buckets of received weights, never the whole model.
+bucket, and ``reload_weights`` slices them as at start-up while they arrive: each worker holds a
+few buckets of received weights (the one being loaded, the previous one, and those whose tensors
+vLLM's layer-by-layer reload keeps until a layer is complete), never the whole model.
 
 Arguments cross the process boundary through vLLM's RPC serialiser, which turns tensors into
 nested lists; everything here therefore travels as protobuf bytes and plain numbers.
@@ -180,9 +181,9 @@ class LpregWorkerExtension:
         """Receive one publish bucket by bucket and reload the weights in place as it arrives.
 
         The caller pauses the engine first, so no forward pass runs while tensors change. Receive
-        memory is one bucket (two while vLLM still holds the last tensor of the previous one),
-        never the whole model: vLLM's reload consumes the stream and casts each tensor to its
-        parameter's dtype. The weight names and shapes are checked before anything is written
+        memory is a few buckets, never the whole model: vLLM's reload consumes the stream, casts
+        each tensor to its parameter's dtype, and keeps a tensor only until its layer is complete
+        (layers it cannot see complete, such as vocabulary-padded embeddings, until the end). The weight names and shapes are checked before anything is written
         (a misfit publish is received and discarded, the old weights stay); a broadcast failure
         mid-publish or a checksum mismatch after the last bucket leaves the model half loaded
         (``loaded_partially``). Errors come back in the result rather than as exceptions: the
