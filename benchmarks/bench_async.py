@@ -126,12 +126,12 @@ def main() -> int:
     parser.add_argument(
         "--tasks-in-flight", type=int, default=4, help="prompts a generator samples at once"
     )
-    parser.add_argument("--smoke", action="store_true", help="4 steps of 4 prompts each")
+    parser.add_argument("--smoke", action="store_true", help="3 steps of 4 prompts each")
     parser.add_argument("--run-dir", type=Path, default=None, help="keep both runs here")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     if args.smoke:
-        args.steps, args.warmup_steps, args.prompts_per_step, args.updates_per_step = 4, 1, 4, 1
+        args.steps, args.warmup_steps, args.prompts_per_step, args.updates_per_step = 3, 1, 4, 1
     base = args.run_dir or Path(tempfile.mkdtemp(prefix="lpreg-bench-async-"))
     sync = run_once(args, 0, base / "sync")
     async_ = run_once(args, args.async_staleness, base / "async")
