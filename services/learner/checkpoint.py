@@ -169,3 +169,131 @@ class FileCheckpointer:
             return None
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         return int(state.pop("step")), state
+
+
+SHARDED_MARKER = ".metadata"  # torch.distributed.checkpoint's index file
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint directory was written by ``ShardedCheckpointer``."""
+    return (path / SHARDED_MARKER).is_file()
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class ShardedCheckpointer:
+    """The loop's ``Checkpointer`` over torch.distributed.checkpoint (DCP): model and optimiser
+    as shards (each rank writes its own; a load reshards onto any number of ranks, one plain
+    process included), scheduler, RNGs and the loop's state as JSON written by rank 0.
+
+    Layout: the same ``step_XXXXXXXX`` directories and ``latest`` pointer as the file format, a
+    directory holding DCP's ``.metadata`` and ``__<rank>_0.distcp`` files plus ``state.json``.
+    ``save`` and ``restore`` are collective: on rank 0 ``announce(op, **fields)`` first tells the
+    other ranks to call ``save_collective`` / ``load_collective`` with the same arguments (a
+    shared filesystem under ``root`` is assumed, as DCP does). In a plain process (no process
+    group) it reads and writes the same format alone.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        keep_last: int,
+        announce: Any = None,
+    ) -> None:
+        self.root = root
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.keep_last = keep_last
+        self.announce = announce
+        dist = torch.distributed
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def _state_dicts(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        if self.announce is not None:
+            self.announce("save", step=step, state=state)
+        self.save_collective(step, state)
+
+    def save_collective(self, step: int, state: dict[str, Any]) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp_step_{step:08d}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        dcp.save(self._state_dicts(), checkpoint_id=str(tmp))
+        _barrier()  # every rank's shards are written before rank 0 moves them into place
+        if self.rank == 0:
+            _write_json(
+                tmp / "state.json",
+                {
+                    **state,
+                    "step": step,
+                    "scheduler": self.scheduler.state_dict(),
+                    "python_rng": random.getstate(),
+                    "torch_rng": torch.get_rng_state().tolist(),
+                },
+            )
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer = self.root / f".{LATEST}.tmp"
+            pointer.write_text(final.name)
+            with open(pointer, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(pointer, self.root / LATEST)
+            _fsync_dir(self.root)
+            for old in sorted(p for p in self.root.glob("step_*") if p.is_dir())[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def restore(self) -> tuple[int, dict[str, Any]] | None:
+        path = latest_checkpoint(self.root)
+        if self.announce is not None:
+            self.announce("restore", path=None if path is None else str(path))
+        if path is None:
+            return None
+        state = self.load_collective(path)
+        return int(state.pop("step")), state
+
+    def load_collective(self, path: Path) -> dict[str, Any]:
+        """Restore model, optimiser, scheduler and RNGs from ``path``; returns the loop state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if not is_sharded(path):
+            raise ValueError(
+                f"checkpoint {path} is not sharded (no {SHARDED_MARKER}); a learner under "
+                "torchrun resumes only from checkpoints written by ShardedCheckpointer"
+            )
+        sd = self._state_dicts()
+        dcp.load(sd, checkpoint_id=str(path))
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"]
+        )
+        state = json.loads((path / "state.json").read_text())
+        self.scheduler.load_state_dict(state.pop("scheduler"))
+        py_rng = state.pop("python_rng")
+        random.setstate((py_rng[0], tuple(py_rng[1]), py_rng[2]))
+        torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
+        return state

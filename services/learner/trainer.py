@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +182,11 @@ class Trainer:
         if head is None:
             raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
         self._lm_head = head
+        # The weight-touching part of a statistics pass; a sharded trainer replaces it with the
+        # same computation run under the FSDP root's forward hooks.
+        self.forward_stats: Callable[..., tuple[Tensor, Tensor, Tensor | None]] = (
+            self.hidden_token_stats
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.compute_dtype == next(self.model.parameters()).dtype:
@@ -205,22 +210,18 @@ class Trainer:
         for i, s in enumerate(seqs):
             input_ids[i, : len(s)] = torch.tensor(s)
             attention[i, : len(s)] = 1
-        with self._autocast():
-            hidden = self._decoder(
-                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
-            ).last_hidden_state
         mask = batch.mask[rows].bool().to(self.device)
         # The completion token at absolute position p is predicted by the hidden state at p - 1.
         row_idx, col_idx = mask.nonzero(as_tuple=True)
         prompt_lens = torch.tensor(batch.prompt_lens[rows], device=self.device)
         positions = prompt_lens[row_idx] + col_idx - 1
-        stats = token_stats_from_hidden(
-            hidden[row_idx, positions].to(self.compute_dtype),
-            self._lm_head.weight.to(self.compute_dtype),
+        log_probs, entropy, proxy_flat = self.forward_stats(
+            input_ids.to(self.device),
+            attention.to(self.device),
+            row_idx,
+            positions,
             batch.tokens[rows].to(self.device)[mask],
-            temperature=self.loss_config.temperature,
-            proxy=proxy,
-            chunk_size=self.config.logit_chunk_size,
+            proxy,
         )
 
         def scatter(flat: Tensor) -> Tensor:
@@ -230,8 +231,32 @@ class Trainer:
             out = torch.zeros(mask.shape, dtype=dtype, device=self.device)
             return out.index_put((row_idx, col_idx), flat.to(dtype))
 
-        proxy_log_probs = None if stats.proxy_log_probs is None else scatter(stats.proxy_log_probs)
-        return scatter(stats.log_probs), scatter(stats.entropy), proxy_log_probs
+        proxy_log_probs = None if proxy_flat is None else scatter(proxy_flat)
+        return scatter(log_probs), scatter(entropy), proxy_log_probs
+
+    def hidden_token_stats(
+        self,
+        input_ids: Tensor,
+        attention: Tensor,
+        row_idx: Tensor,
+        positions: Tensor,
+        targets: Tensor,
+        proxy: ProxyFilter | None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The decoder forward and the fused token statistics of the tokens at (row_idx,
+        positions + 1): everything that touches the weights, in one call (a sharded model hooks
+        it as a forward method, see services.learner.distributed)."""
+        with self._autocast():
+            hidden = self._decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        stats = token_stats_from_hidden(
+            hidden[row_idx, positions].to(self.compute_dtype),
+            self._lm_head.weight.to(self.compute_dtype),
+            targets,
+            temperature=self.loss_config.temperature,
+            proxy=proxy,
+            chunk_size=self.config.logit_chunk_size,
+        )
+        return stats.log_probs, stats.entropy, stats.proxy_log_probs
 
     def _update(
         self,

@@ -1,0 +1,500 @@
+"""The learner over N processes (torchrun): FSDP2 shards, a step split across ranks, rank 0 in
+charge.
+
+Started as ``torchrun --nproc-per-node N [--nnodes M ...] -m services.cli learner CONFIG``, every
+process builds the same model and shards it with ``fully_shard`` (one unit per decoder layer plus
+the root) over a one-dimensional device mesh: fp32 master shards and optimiser state, compute in
+``learner.compute_dtype`` through ``MixedPrecisionPolicy``, optional activation checkpointing.
+
+Rank 0 alone runs the loop (Redis, gRPC, metrics, the publish) and tells the other ranks, over a
+small Gloo control group, what to take part in next (:class:`Commands`): a step (its rollout
+groups, as serialized protobufs), a weight gather, a checkpoint save or load, an evaluation, the
+final model, stop. Non-zero ranks run :func:`follow` until told to stop.
+
+The step (:class:`DistributedTrainer`) gives the same update as one process:
+- every rank holds the whole step's batch (token ids and per-token scalars, small next to the
+  model) and the same deterministic plan of which sequences each rank trains, per mini-batch,
+  balanced by token count (:func:`plan_rows`);
+- the no-grad pass computes each rank's rows; proximal log-probs, proxy log-probs and entropy are
+  all-gathered into the step's (S, C) layout, so the off-policy weights, Lp-Reg's step-wide
+  candidate ranking (``select_regularized``, the very function one process calls) and the metrics
+  are computed on the same tensors by every rank;
+- the loss of each rank's micro-batches uses the mini-batch's global token count as denominator
+  and FSDP's gradient reduction sums (divide factor 1), so the reduced gradient is that of the
+  whole mini-batch. Every rank runs the same number of forward/backward passes (FSDP's
+  collectives pair up); a rank short of rows runs a zero-weight pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
+
+from lpreg_core.config import LearnerConfig
+from lpreg_core.loss import policy_loss, select_regularized
+from lpreg_core.wire.lpreg.v1 import rollout_pb2
+from services.learner.trainer import (
+    StepBatch,
+    Trainer,
+    _behaviour_weights,
+    _importance_stats,
+    _split,
+    build_batch,
+)
+
+log = logging.getLogger("lpreg.learner.distributed")
+
+# Prefix torch's checkpoint_wrapper puts in front of a wrapped layer's parameter names; weights
+# leave the learner under the model's own names.
+_WRAPPED = "_checkpoint_wrapped_module."
+
+
+def world_size_from_env() -> int:
+    """WORLD_SIZE as torchrun sets it (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class DistContext:
+    """This process's place in the learner's process group."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh
+    control: dist.ProcessGroup  # Gloo, for commands (small host-side messages)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_setting: str) -> DistContext:
+    """The process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT): NCCL on CUDA, Gloo on the CPU; one device per process."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("learner.device=cuda but no CUDA device is visible to this process")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    control = dist.new_group(backend="gloo")
+    assert control is not None
+    return DistContext(dist.get_rank(), world, device, mesh, control)
+
+
+def shard_model(
+    model: PreTrainedModel,
+    mesh: DeviceMesh,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    activation_checkpointing: bool = False,
+) -> None:
+    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head); with
+    activation checkpointing each layer recomputes its activations in backward. FSDP's
+    reduce-scatter sums gradients (divide factor 1): each rank's loss already carries the global
+    denominator."""
+    policy = mp_policy or MixedPrecisionPolicy()
+    decoder = getattr(model, str(model.base_model_prefix))
+    layers = decoder.layers
+    for i, layer in enumerate(list(layers)):
+        if activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                checkpoint_wrapper,
+            )
+
+            layer = checkpoint_wrapper(layer)
+            layers[i] = layer
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+
+
+def plan_rows(lengths: list[int], minis: list[slice], world: int) -> list[list[list[int]]]:
+    """Which rows each rank trains, per mini-batch: ``plan[m][rank]`` (sorted row indices).
+
+    Longest sequence first to the rank with the fewest tokens so far (ties: fewer rows, lower
+    rank); deterministic, so every rank computes the same plan without talking."""
+    plan: list[list[list[int]]] = []
+    for mini in minis:
+        parts: list[list[int]] = [[] for _ in range(world)]
+        load = [0] * world
+        for row in sorted(range(mini.start, mini.stop), key=lambda r: (-lengths[r], r)):
+            rank = min(range(world), key=lambda q: (load[q], len(parts[q]), q))
+            parts[rank].append(row)
+            load[rank] += lengths[row]
+        plan.append([sorted(p) for p in parts])
+    return plan
+
+
+def take_rows(batch: StepBatch, rows: list[int]) -> StepBatch:
+    """The batch restricted to ``rows`` (same completion width)."""
+    index = torch.tensor(rows, dtype=torch.long, device=batch.tokens.device)
+    return dataclasses.replace(
+        batch,
+        sequences=[batch.sequences[r] for r in rows],
+        prompt_lens=[batch.prompt_lens[r] for r in rows],
+        completion_lens=[batch.completion_lens[r] for r in rows],
+        tokens=batch.tokens[index],
+        mask=batch.mask[index],
+        advantages=batch.advantages[index],
+        behaviour_log_probs=batch.behaviour_log_probs[index],
+        versions=batch.versions[index],
+        rewards=batch.rewards[index.to(batch.rewards.device)],
+    )
+
+
+def _num_micro(plan: list[list[int]], size: int) -> int:
+    """Micro-batches every rank runs for one part of the plan (the busiest rank's count)."""
+    return max(math.ceil(len(rows) / size) for rows in plan)
+
+
+class DistributedTrainer(Trainer):
+    """``Trainer`` over an FSDP2-sharded model; ``step`` is collective (every rank calls it with
+    the same batch) and returns the step's global metrics on every rank."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: LearnerConfig,
+        ctx: DistContext,
+        compute_dtype: torch.dtype | None = None,
+        mp_policy: MixedPrecisionPolicy | None = None,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        model.to(ctx.device)  # type: ignore[arg-type]
+        shard_model(model, ctx.mesh, mp_policy, activation_checkpointing)
+        super().__init__(model, config, device=ctx.device, compute_dtype=compute_dtype)
+        self.ctx = ctx
+        # The statistics pass reads the root's parameters (embeddings, norm, LM head) outside
+        # model.forward: run it under the root's FSDP hooks.
+        object.__setattr__(model, "lpreg_token_stats", self._owned_token_stats)
+        register_fsdp_forward_method(model, "lpreg_token_stats")
+        self.forward_stats = model.__dict__["lpreg_token_stats"]
+
+    def _owned_token_stats(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``hidden_token_stats`` returning fresh tensors, not views: FSDP hooks the root's
+        backward on the outputs, and an in-place op on a view would drop that hook."""
+        out = self.hidden_token_stats(*args, **kwargs)
+        return out[0].clone(), out[1].clone(), None if out[2] is None else out[2].clone()
+
+    def _gather_rows(self, local: Tensor, plan: list[list[int]], num: int) -> Tensor:
+        """(rows of this rank, ...) per rank -> (num, ...) in the step's row order."""
+        most = max(len(rows) for rows in plan)
+        padded = local.new_zeros((most, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.ctx.world_size)]
+        dist.all_gather(parts, padded)
+        full = local.new_zeros((num, *local.shape[1:]))
+        for part, rows in zip(parts, plan, strict=True):
+            if rows:
+                full[torch.tensor(rows, device=full.device)] = part[: len(rows)]
+        return full
+
+    def step(self, batch: StepBatch) -> dict[str, float]:
+        batch = batch.to(self.device)
+        self.model.eval()
+        num = len(batch.sequences)
+        rank, world = self.ctx.rank, self.ctx.world_size
+        minis = _split(num, self.config.num_mini_batches)
+        plan = plan_rows([len(s) for s in batch.sequences], minis, world)
+        # The step's rows of each rank (mini-batch by mini-batch) for the no-grad pass.
+        step_plan = [[r for part in plan for r in part[q]] for q in range(world)]
+        mine = take_rows(batch, step_plan[rank])
+        filler = take_rows(batch, [0])  # the zero-weight pass of a rank short of rows
+        size = self.config.micro_batch_sequences
+        proxy_filter = self.loss_config.proxy_filter
+        with torch.no_grad():
+            parts = [
+                self._token_stats(mine, rows, proxy_filter)
+                for rows in self._micro_batches(len(step_plan[rank]))
+            ]
+            spare = None
+            for _ in range(_num_micro(step_plan, size) - len(parts)):
+                spare = self._token_stats(filler, slice(0, 1), proxy_filter)
+        first = parts[0] if parts else spare
+        assert first is not None
+        local = [torch.cat([p[0] for p in parts]) if parts else first[0][:0]]
+        local.append(torch.cat([p[1] for p in parts]) if parts else first[1][:0])
+        if first[2] is not None:
+            local.append(torch.cat([p[2] for p in parts]) if parts else first[2][:0])  # type: ignore[misc]
+        full = self._gather_rows(torch.stack(local, dim=1), step_plan[:], num)
+        proximal, entropy = full[:, 0], full[:, 1]
+        proxy = full[:, 2] if first[2] is not None else None
+        weights, mask = _behaviour_weights(
+            proximal,
+            batch.behaviour_log_probs,
+            batch.mask,
+            self.config.off_policy_type,
+            self.config.off_policy.cap,
+        )
+        reg_mask = None
+        totals: dict[str, float] = {}
+        lp = self.loss_config
+        ranking = lp.step_ranking
+        if ranking is not None:
+            assert proxy is not None, "a loss that ranks candidates declares a proxy filter"
+            candidates, reg_mask = select_regularized(
+                proximal,
+                proxy,
+                batch.advantages,
+                mask,
+                rho_neg=ranking.rho_neg,
+                rho_pos=ranking.rho_pos,
+            )
+            totals["num_candidates"] = float(candidates.sum())
+        updates = 0
+        loss_total = 0.0
+        grad_norms: list[float] = []
+        lr = float(self.scheduler.get_last_lr()[0])
+        update_totals: dict[str, float] = {}
+        for _epoch in range(self.config.update_epochs):
+            for mini, part in zip(minis, plan, strict=True):
+                metrics = self._sharded_update(
+                    batch, mini, part, filler, proximal, proxy, mask, reg_mask, weights
+                )
+                updates += 1
+                loss_total += metrics.pop("loss")
+                grad_norms.append(metrics.pop("grad_norm"))
+                for k, v in metrics.items():
+                    update_totals[k] = update_totals.get(k, 0.0) + v
+        totals.update({k: v / updates for k, v in update_totals.items()})
+        totals.update(_importance_stats(weights, batch.mask, mask))
+        valid = batch.mask.bool()
+        gap = (proximal - batch.behaviour_log_probs)[valid]
+        return {
+            **totals,
+            "loss": loss_total / updates,
+            "grad_norm": max(grad_norms),
+            "lr": lr,
+            "num_updates": float(updates),
+            "entropy": float(entropy[valid].mean()),
+            "reward_mean": float(batch.rewards.mean()),
+            "num_tokens": float(batch.mask.sum()),
+            "num_sequences": float(num),
+            "completion_len_mean": float(batch.mask.sum(1).mean()),
+            "logprob_gap_max": float(gap.abs().max()) if gap.numel() else 0.0,
+        }
+
+    def _sharded_update(
+        self,
+        batch: StepBatch,
+        mini: slice,
+        plan: list[list[int]],
+        filler: StepBatch,
+        proximal: Tensor,
+        proxy: Tensor | None,
+        mask: Tensor,
+        reg_mask: Tensor | None,
+        weights: Tensor | None,
+    ) -> dict[str, float]:
+        """One optimiser update on this rank's rows of ``mini``; the denominator is the whole
+        mini-batch's, the metrics are summed over ranks."""
+        lp = self.loss_config
+        sub = mask[mini]
+        if lp.loss_agg_mode == "seq-mean-token-mean":
+            num_tokens = float((sub.sum(-1) > 0).sum())
+        else:
+            num_tokens = float(sub.sum())
+        rows = plan[self.ctx.rank]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        mine = take_rows(batch, rows)
+
+        def local(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        l_proximal, l_proxy, l_mask = local(proximal), local(proxy), local(mask)
+        l_reg, l_weights = local(reg_mask), local(weights)
+        assert l_proximal is not None and l_mask is not None
+        size = self.config.micro_batch_sequences
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, Tensor] = {}
+        for i in range(_num_micro(plan, size)):
+            micro = slice(i * size, min(len(rows), (i + 1) * size))
+            real = micro.stop > micro.start
+            source, at = (mine, micro) if real else (filler, slice(0, 1))
+            log_probs, ent, _ = self._token_stats(source, at, None)
+            if real:
+                loss, metrics = policy_loss(
+                    log_probs,
+                    l_proximal[at],
+                    None if l_proxy is None else l_proxy[at],
+                    mine.advantages[at],
+                    l_mask[at],
+                    config=lp,
+                    num_tokens=num_tokens,
+                    reg_mask=None if l_reg is None else l_reg[at],
+                    behaviour_weights=None if l_weights is None else l_weights[at],
+                    entropy=ent if lp.needs_entropy_grad else None,
+                )
+            else:
+                # Same collectives as a real micro-batch, no contribution to the gradient.
+                loss = log_probs.sum() * 0.0 + ent.sum() * 0.0
+                metrics = {}
+            loss.backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                value = v.detach().to(torch.float64) if isinstance(v, Tensor) else v
+                sums[k] = sums.get(k, 0.0) + value  # type: ignore[assignment,operator]
+        totals = self._sum_over_ranks(sums)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.config.optimizer.grad_clip
+        )
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        totals["grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return totals
+
+    def _sum_over_ranks(self, sums: dict[str, Tensor]) -> dict[str, float]:
+        """Per-rank metric sums -> global sums. A rank with only zero-weight passes has no
+        metric keys, so the names travel first (small, over the control group)."""
+        names: list[list[str]] = [[] for _ in range(self.ctx.world_size)]
+        dist.all_gather_object(names, sorted(sums), group=self.ctx.control)
+        keys = sorted({k for part in names for k in part})
+        values = torch.tensor(
+            [float(sums[k]) if k in sums else 0.0 for k in keys], dtype=torch.float64
+        )
+        dist.all_reduce(values, group=self.ctx.control)
+        return dict(zip(keys, values.tolist(), strict=True))
+
+
+def full_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+    """(name, full tensor in ``dtype``) of each parameter, gathered from the shards one at a
+    time: collective, every rank iterates it to the end; only rank 0 needs the tensors."""
+    for name, param in model.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        yield name.replace(_WRAPPED, ""), full.detach().to(dtype)
+
+
+# Commands rank 0 sends to the other ranks, who then take part in the matching collective.
+STEP, WEIGHTS, SAVE, RESTORE, EVALUATE, FINAL_MODEL, STOP = (
+    "step",
+    "weights",
+    "save",
+    "restore",
+    "evaluate",
+    "final_model",
+    "stop",
+)
+
+
+class Commands:
+    """Rank 0 -> other ranks: one JSON message at a time over the Gloo control group."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+
+    def _broadcast(self, payload: bytes | None) -> bytes:
+        size = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long)
+        dist.broadcast(size, src=0, group=self.ctx.control)
+        data = (
+            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            if payload is not None
+            else torch.empty(int(size), dtype=torch.uint8)
+        )
+        dist.broadcast(data, src=0, group=self.ctx.control)
+        return bytes(data.numpy().tobytes())
+
+    def send(self, op: str, **fields: Any) -> None:
+        assert self.ctx.is_main, "only rank 0 gives commands"
+        self._broadcast(json.dumps({"op": op, **fields}).encode())
+
+    def receive(self) -> dict[str, Any]:
+        message: dict[str, Any] = json.loads(self._broadcast(None))
+        return message
+
+
+def encode_groups(groups: list[rollout_pb2.RolloutGroup]) -> list[str]:
+    return [base64.b64encode(g.SerializeToString()).decode() for g in groups]
+
+
+def decode_groups(encoded: list[str]) -> list[rollout_pb2.RolloutGroup]:
+    return [rollout_pb2.RolloutGroup.FromString(base64.b64decode(e)) for e in encoded]
+
+
+class LeadingTrainer:
+    """Rank 0's ``PolicyTrainer``: sends the step's groups to the other ranks, then steps."""
+
+    def __init__(
+        self, trainer: DistributedTrainer, commands: Commands, advantage_mode: str
+    ) -> None:
+        self.trainer = trainer
+        self.commands = commands
+        self.advantage_mode = advantage_mode
+
+    def train_step(self, groups: list[rollout_pb2.RolloutGroup]) -> dict[str, float]:
+        self.commands.send(STEP, groups=encode_groups(groups))
+        return self.trainer.step(build_batch(groups, self.advantage_mode))
+
+
+def leading_weights(
+    model: torch.nn.Module, commands: Commands, dtype: torch.dtype
+) -> Callable[[], Iterator[tuple[str, Tensor]]]:
+    """Rank 0's ``weights()`` for the publisher: tells the other ranks to gather, then yields
+    each full tensor as it is gathered. A publish that stops early still finishes the gathers
+    (the other ranks are in them)."""
+
+    def weights() -> Iterator[tuple[str, Tensor]]:
+        commands.send(WEIGHTS)
+        gathered = full_weights(model, dtype)
+        try:
+            yield from gathered
+        finally:
+            for _ in gathered:
+                pass
+
+    return weights
+
+
+def follow(
+    commands: Commands,
+    trainer: DistributedTrainer,
+    advantage_mode: str,
+    handlers: dict[str, Callable[[dict[str, Any]], object]],
+) -> None:
+    """A non-zero rank's loop: take part in what rank 0 does until it says stop. ``handlers``
+    covers the commands beyond a step and a weight gather (checkpoints, evaluation, final
+    model); one rank 0 sends and no handler is given for is an error."""
+    while True:
+        message = commands.receive()
+        op = message["op"]
+        if op == STOP:
+            return
+        if op == STEP:
+            trainer.step(build_batch(decode_groups(message["groups"]), advantage_mode))
+        elif op == WEIGHTS:
+            for _ in full_weights(trainer.model, torch.float32):
+                pass
+        elif op in handlers:
+            handlers[op](message)
+        else:
+            raise RuntimeError(f"rank {commands.ctx.rank}: unknown learner command {op!r}")
