@@ -443,8 +443,11 @@ def speed_with_fallback(
 # --- end to end -------------------------------------------------------------------------------
 
 
-def end_to_end(device: torch.device, steps: int, quick: bool, timeout_s: float) -> dict[str, Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix="lpreg-gpu-check-")) / "run"
+def end_to_end(
+    device: torch.device, steps: int, quick: bool, timeout_s: float, run_dir: Path | None
+) -> dict[str, Any]:
+    if run_dir is None:
+        run_dir = Path(tempfile.mkdtemp(prefix="lpreg-gpu-check-")) / "run"
     overrides = [
         f"local.run_dir={run_dir}",
         "local.progress=false",
@@ -532,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, default=8, help="learner.micro_batch_sequences")
     p.add_argument("--e2e-steps", type=int, default=None, help="end-to-end steps (50; quick: 2)")
     p.add_argument("--e2e-timeout-s", type=float, default=300.0)
+    p.add_argument("--e2e-dir", type=Path, default=None, help="run directory (default: a new temp)")
     p.add_argument(
         "--skip", action="append", default=[], choices=["correctness", "speed", "end_to_end"]
     )
@@ -553,7 +557,11 @@ def main(argv: list[str] | None = None) -> int:
             device, args.quick, args.repeats, args.micro_batch, args.compute_dtype
         ),
         "end_to_end": lambda: end_to_end(
-            device, args.e2e_steps or (2 if args.quick else 50), args.quick, args.e2e_timeout_s
+            device,
+            args.e2e_steps or (2 if args.quick else 50),
+            args.quick,
+            args.e2e_timeout_s,
+            args.e2e_dir,
         ),
     }
     for name, fn in parts.items():
