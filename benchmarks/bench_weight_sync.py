@@ -69,7 +69,7 @@ def free_port() -> int:
 
 
 def model_state(num_bytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A float32 transformer-like state dict of about num_bytes (at least one layer's worth)."""
+    """A float32 transformer-like state dict of num_bytes (at least one layer's worth)."""
     gen = torch.Generator().manual_seed(seed)
     h = HIDDEN
     while h > 64 and 4 * 16 * h * h > num_bytes:
@@ -92,6 +92,10 @@ def model_state(num_bytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
         for name, shape in layer.items():
             state[f"model.layers.{i}.{name}"] = torch.randn(*shape, generator=gen)
         i += 1
+    # The embedding takes what is left, so the total is within one row of num_bytes.
+    rows = (num_bytes - sum(t.numel() * 4 for t in state.values())) // (4 * h)
+    if rows > 0:
+        state["model.embed_tokens.weight"] = torch.randn(rows, h, generator=gen)
     return state
 
 
