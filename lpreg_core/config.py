@@ -203,6 +203,11 @@ class LearnerConfig(_Section):
         "model.dtype. auto = bfloat16 on CUDA, model.dtype on CPU.",
     )
     num_threads: int = Field(1, ge=1, description="torch intra-op threads of the learner process.")
+    activation_checkpointing: bool = Field(
+        False,
+        description="Under torchrun (FSDP2): recompute each decoder layer's activations in "
+        "backward instead of keeping them (less memory, about a third more compute).",
+    )
     seed: int = Field(0, description="Seed of torch and Python RNGs in the learner.")
     publish_timeout_s: float = Field(
         60.0, gt=0.0, description="Deadline for one weight publish; slower members are dropped."
@@ -488,6 +493,12 @@ class LocalConfig(_Section):
     """`lpreg local`: one machine, a private redis-server, the learner and N generators."""
 
     num_generators: int = Field(2, ge=1, description="Generator processes to start.")
+    learner_procs: int = Field(
+        1,
+        ge=1,
+        description="Learner processes: above 1 the learner runs under torchrun --standalone "
+        "with this many ranks (FSDP2; Gloo on the CPU, NCCL with one GPU per rank).",
+    )
     run_dir: str = Field("runs/{run_id}", description="Output directory ({run_id} is replaced).")
     redis_server: str = Field(
         "redis-server", description="redis-server binary (looked up on PATH)."

@@ -33,8 +33,11 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,9 +53,10 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from lpreg_core.config import LearnerConfig
+from lpreg_core.config import LearnerConfig, RunConfig
 from lpreg_core.loss import policy_loss, select_regularized
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
+from services.learner.checkpoint import ShardedCheckpointer
 from services.learner.trainer import (
     StepBatch,
     Trainer,
@@ -136,6 +140,8 @@ def shard_model(
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            # A plain SUM (Gloo has no PREMUL_SUM, which FSDP picks for a custom factor).
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def plan_rows(lengths: list[int], minis: list[slice], world: int) -> list[list[list[int]]]:
@@ -498,3 +504,123 @@ def follow(
             handlers[op](message)
         else:
             raise RuntimeError(f"rank {commands.ctx.rank}: unknown learner command {op!r}")
+
+
+class Sharded:
+    """What the learner's composition root swaps in under torchrun (WORLD_SIZE > 1): the
+    sharded trainer, rank 0's trainer, weights and checkpointer that bring the other ranks
+    along, the collective final-model save, and the other ranks' loop (:meth:`follow`)."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self.commands = Commands(ctx)
+
+    @classmethod
+    def from_env(cls, config: RunConfig) -> Sharded | None:
+        """The process group when started by torchrun with more than one rank, else None (one
+        plain process, exactly as without torchrun)."""
+        if world_size_from_env() <= 1:
+            return None
+        ctx = init_distributed(config.learner.device)
+        log.info("learner rank %d of %d on %s", ctx.rank, ctx.world_size, ctx.device)
+        return cls(ctx)
+
+    def trainer(
+        self, model: PreTrainedModel, config: LearnerConfig, compute: torch.dtype
+    ) -> DistributedTrainer:
+        """fp32 master shards (the model's dtype), forward/backward in ``compute``, gradients
+        reduced in the master dtype."""
+        master = next(model.parameters()).dtype
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=master)
+        return DistributedTrainer(
+            model,
+            config,
+            self.ctx,
+            compute_dtype=compute,
+            mp_policy=policy,
+            activation_checkpointing=config.activation_checkpointing,
+        )
+
+    def policy_trainer(self, trainer: DistributedTrainer, advantage_mode: str) -> LeadingTrainer:
+        return LeadingTrainer(trainer, self.commands, advantage_mode)
+
+    def weights(
+        self, model: torch.nn.Module, dtype: torch.dtype
+    ) -> Callable[[], Iterator[tuple[str, Tensor]]]:
+        return leading_weights(model, self.commands, dtype)
+
+    def checkpointer(self, root: Path, trainer: Trainer, keep_last: int) -> ShardedCheckpointer:
+        return ShardedCheckpointer(
+            root,
+            trainer.model,
+            trainer.optimizer,
+            trainer.scheduler,
+            keep_last,
+            announce=self.commands.send if self.ctx.is_main else None,
+        )
+
+    def before_evaluate(self) -> None:
+        self.commands.send(EVALUATE)
+
+    def save_final_model(self, model: torch.nn.Module, model_path: str, out: Path) -> None:
+        """Collective: the full weights gathered onto rank 0's CPU, written there as a Hugging
+        Face directory with the starting model's tokenizer."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+        from transformers import AutoTokenizer
+
+        if self.ctx.is_main:
+            self.commands.send(FINAL_MODEL)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        if not self.ctx.is_main:
+            return
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state)  # type: ignore[operator]
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+
+    def stop(self) -> None:
+        """Rank 0: release the other ranks; every rank: leave the process group."""
+        if self.ctx.is_main:
+            self.commands.send(STOP)
+        dist.destroy_process_group()
+
+    def follow(self, config: RunConfig) -> None:
+        """A non-zero rank: the same model, trainer and checkpointer as rank 0, driven by its
+        commands; signals are left to rank 0 (it drains the step the other ranks take part in)."""
+        from transformers import AutoModelForCausalLM
+
+        from lpreg_core.data import make_source
+        from lpreg_core.devices import compute_dtype
+        from lpreg_core.weights import dtype_from_name
+        from services.learner.evaluate import greedy_accuracy
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
+        torch.set_num_threads(config.learner.num_threads)
+        torch.manual_seed(config.learner.seed)
+        master = dtype_from_name(config.model.dtype)
+        model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=master)
+        trainer = self.trainer(
+            model, config.learner, compute_dtype(config.learner, master, self.ctx.device)
+        )
+        run_dir = Path(config.local.run_dir.format(run_id=config.run_id))
+        checkpointer = self.checkpointer(
+            run_dir / "checkpoints", trainer, config.learner.checkpoint.keep_last
+        )
+        problems = make_source(config.task).eval_problems(config.learner.eval_prompts)
+        handlers: dict[str, Callable[[dict[str, Any]], object]] = {
+            SAVE: lambda m: checkpointer.save_collective(int(m["step"]), m["state"]),
+            RESTORE: lambda m: m["path"] and checkpointer.load_collective(Path(m["path"])),
+            EVALUATE: lambda m: greedy_accuracy(model, config, problems),
+            FINAL_MODEL: lambda m: self.save_final_model(model, config.model.path, Path()),
+        }
+        try:
+            follow(self.commands, trainer, config.learner.advantage_mode, handlers)
+        finally:
+            dist.destroy_process_group()

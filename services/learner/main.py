@@ -32,8 +32,14 @@ from services.common.auth import load_auth_token
 from services.common.env import redis_password, redis_url
 from services.common.loggers import make_loggers
 from services.common.metrics import serve_metrics
-from services.learner.checkpoint import FileCheckpointer, latest_checkpoint
+from services.learner.checkpoint import (
+    FileCheckpointer,
+    ShardedCheckpointer,
+    is_sharded,
+    latest_checkpoint,
+)
 from services.learner.control import LearnerControlServicer, generator_status
+from services.learner.distributed import Sharded
 from services.learner.evaluate import greedy_accuracy
 from services.learner.loop import LearnerLoop
 from services.learner.metrics import BACKLOG_REFRESH_S, LearnerMetrics
@@ -79,19 +85,25 @@ def status_of(loop: LearnerLoop) -> control_pb2.StatusResponse:
     return reply
 
 
-def build_learner(config: RunConfig, *, resume: bool) -> tuple[LearnerLoop, dict[str, Any]]:
-    """The loop with its real parts, and the resources ``run_learner`` must close."""
+def build_learner(
+    config: RunConfig, *, resume: bool, sharded: Sharded | None = None
+) -> tuple[LearnerLoop, dict[str, Any]]:
+    """The loop with its real parts, and the resources ``run_learner`` must close; with
+    ``sharded`` (rank 0 under torchrun) the model is sharded and the other ranks follow."""
     run_dir = run_dir_of(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.learner.num_threads)
     torch.manual_seed(config.learner.seed)
     prom = CollectorRegistry()
     metrics = LearnerMetrics(prom, config.run_id)
-    device = resolve_device(config.learner.device)
+    device = resolve_device(config.learner.device) if sharded is None else sharded.ctx.device
     master = dtype_from_name(config.model.dtype)
     model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=master)
     compute = compute_dtype(config.learner, master, device)
-    trainer = Trainer(model, config.learner, device=device, compute_dtype=compute)
+    if sharded is None:
+        trainer = Trainer(model, config.learner, device=device, compute_dtype=compute)
+    else:
+        trainer = sharded.trainer(model, config.learner, compute)
     wire = wire_dtype(config.broadcast, compute)
     log.info("learner on %s: master weights %s, compute %s, wire %s", device, master, compute, wire)
     vocab_size = int(model.config.vocab_size)
@@ -114,7 +126,7 @@ def build_learner(config: RunConfig, *, resume: bool) -> tuple[LearnerLoop, dict
     publisher = BroadcastPublisher(
         registry,
         sender,
-        wire_weights,
+        wire_weights if sharded is None else sharded.weights(model, wire),
         config.broadcast,
         config.broadcast.advertise_host or config.broadcast.store_host,
         metrics,
@@ -132,6 +144,8 @@ def build_learner(config: RunConfig, *, resume: bool) -> tuple[LearnerLoop, dict
         loggers.log_record(record)
 
     def evaluate() -> float:
+        if sharded is not None:
+            sharded.before_evaluate()
         accuracy = greedy_accuracy(model, config, eval_problems)
         if loop.state.step == 0:
             # The accuracy before training is step 0 of the table, the plots and the dashboard.
@@ -150,14 +164,10 @@ def build_learner(config: RunConfig, *, resume: bool) -> tuple[LearnerLoop, dict
         transport=transport,
         publisher=publisher,
         registry=registry,
-        trainer=BatchTrainer(trainer, config.learner.advantage_mode),
-        checkpointer=FileCheckpointer(
-            run_dir / "checkpoints",
-            model,
-            trainer.optimizer,
-            trainer.scheduler,
-            config.learner.checkpoint.keep_last,
-        ),
+        trainer=BatchTrainer(trainer, config.learner.advantage_mode)
+        if sharded is None
+        else sharded.policy_trainer(trainer, config.learner.advantage_mode),  # type: ignore[arg-type]
+        checkpointer=checkpointer_for(config, trainer, sharded),
         source=source,
         metrics=metrics,
         vocab_size=vocab_size,
@@ -178,6 +188,21 @@ def build_learner(config: RunConfig, *, resume: bool) -> tuple[LearnerLoop, dict
         "run_dir": run_dir,
         "loggers": loggers,
     }
+
+
+def checkpointer_for(
+    config: RunConfig, trainer: Trainer, sharded: Sharded | None
+) -> FileCheckpointer | ShardedCheckpointer:
+    """Sharded checkpoints under torchrun, and in one process resuming a sharded run (the format
+    then stays sharded); the file format otherwise."""
+    root = run_dir_of(config) / "checkpoints"
+    keep = config.learner.checkpoint.keep_last
+    newest = latest_checkpoint(root)
+    if sharded is None and (newest is None or not is_sharded(newest)):
+        return FileCheckpointer(root, trainer.model, trainer.optimizer, trainer.scheduler, keep)
+    if sharded is None:
+        return ShardedCheckpointer(root, trainer.model, trainer.optimizer, trainer.scheduler, keep)
+    return sharded.checkpointer(root, trainer, keep)
 
 
 def save_final_model(model: Any, model_path: str, out: Path) -> None:
@@ -215,8 +240,21 @@ def _observe_until_stopped(loop: LearnerLoop) -> None:
 
 
 def run_learner(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    sharded = Sharded.from_env(config)
+    if sharded is not None and not sharded.ctx.is_main:
+        sharded.follow(config)  # ranks > 0: no Redis, gRPC or metrics; rank 0 leads
+        return {}
     log.info("resolved config:\n%s", dump_config(config))
-    loop, parts = build_learner(config, resume=resume)
+    # After a failure the other ranks may sit in a collective: rank 0's exit has torchrun stop
+    # them. Only a run that returns releases them.
+    summary = _run_learner(config, resume, sharded)
+    if sharded is not None:
+        sharded.stop()
+    return summary
+
+
+def _run_learner(config: RunConfig, resume: bool, sharded: Sharded | None) -> dict[str, Any]:
+    loop, parts = build_learner(config, resume=resume, sharded=sharded)
     signal_seen: dict[str, int] = {}
 
     def _graceful(signum: int, _frame: object) -> None:
@@ -253,7 +291,10 @@ def run_learner(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     try:
         summary = loop.run()
         completion_of(config, summary, signal_seen.get("signum"))
-        save_final_model(parts["model"], config.model.path, run_dir / "final_model")
+        if sharded is None:
+            save_final_model(parts["model"], config.model.path, run_dir / "final_model")
+        else:
+            sharded.save_final_model(parts["model"], config.model.path, run_dir / "final_model")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         loop.metrics.set_run_complete()
         if not config.learner.exit_when_done and not loop.stop.is_set():

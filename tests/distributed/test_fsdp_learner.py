@@ -27,7 +27,7 @@ from services.learner.trainer import Trainer, _split, build_batch
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_dist_worker.py")
 TOL = 1e-6
-LP_REG = {"type": "lp_reg", "rho_neg": 0.3, "kappa": 1e-3}
+LP_REG = {"type": "lp_reg", "rho_neg": 0.15, "kappa": 1e-3}
 CASES: list[dict[str, Any]] = [
     {
         "name": "lp_reg",
@@ -126,7 +126,7 @@ def test_ranking_per_rank_would_differ(runs: dict[str, Path], nproc: int) -> Non
         )
     assert proxy is not None
     step_wide, _ = select_regularized(
-        proximal, proxy, batch.advantages, batch.mask, rho_neg=0.3, rho_pos=0.0
+        proximal, proxy, batch.advantages, batch.mask, rho_neg=LP_REG["rho_neg"], rho_pos=0.0
     )
     per_rank = torch.zeros_like(step_wide)
     [plan] = plan_rows([len(s) for s in batch.sequences], _split(len(batch.sequences), 1), nproc)
@@ -134,7 +134,7 @@ def test_ranking_per_rank_would_differ(runs: dict[str, Path], nproc: int) -> Non
         index = torch.tensor(rows)
         chosen, _ = select_regularized(
             proximal[index], proxy[index], batch.advantages[index], batch.mask[index],
-            rho_neg=0.3, rho_pos=0.0,
+            rho_neg=LP_REG["rho_neg"], rho_pos=0.0,
         )  # fmt: skip
         per_rank[index] = chosen
     assert not torch.equal(per_rank, step_wide)
