@@ -86,6 +86,7 @@ def _field_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def _startup_checks(config: RunConfig, command: str) -> None:
     """Refuse to start, naming the setting, what would fail later with a vaguer error."""
+    from services.common.auth import load_auth_token
     from services.common.env import REDIS_URL_ENV, redis_url
     from services.common.startup import (
         check_or_raise,
@@ -94,6 +95,7 @@ def _startup_checks(config: RunConfig, command: str) -> None:
         redis_url_problems,
     )
 
+    load_auth_token(config.control)  # a missing token is the first thing to say
     problems = learner_problems(config) if command == "learner" else generator_problems(config)
     if os.environ.get(REDIS_URL_ENV):
         problems += redis_url_problems(redis_url(config.redis), f"${REDIS_URL_ENV}")

@@ -131,7 +131,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "LPREG_AUTH_TOKEN": "t0ken", **(env or {})},
     )
 
 
