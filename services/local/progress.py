@@ -42,7 +42,7 @@ class Progress:
         self.out = out if out is not None else sys.stdout
         self._offset = 0
         self._printed_header = False
-        # (monotonic time, step) of the first step seen: the ETA is the rate since then.
+        # (time, step) of the first step seen: the ETA is the rate since then.
         self._first: tuple[float, int] | None = None
 
     def skip_existing(self) -> None:
@@ -70,7 +70,8 @@ class Progress:
             f"{r.get('entropy', 0):>8.4f} {int(r.get('num_regularized', 0)):>5} "
             f"{r.get('loss_kl', 0):>8.1e} {r.get('staleness_mean', 0):>6.2f} "
             f"{r.get('tokens_per_s', 0):>8.1f} {evs:>6}   "
-            + progress_bar(step, self.total, self.eta_s(step, now))
+            # The learner's own clock: rows read in one poll still give the true rate.
+            + progress_bar(step, self.total, self.eta_s(step, float(r.get("time", now))))
         )
 
     def poll(self) -> None:
