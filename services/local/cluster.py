@@ -62,8 +62,10 @@ class LocalCluster:
         redis_server: str = "redis-server",
         redis_url: str | None = None,
         env: dict[str, str] | None = None,
+        learner_procs: int = 1,
     ) -> None:
         self.config_path = str(config_path)
+        self.learner_procs = learner_procs
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -161,6 +163,13 @@ class LocalCluster:
 
     def start_learner(self, *, resume: bool = False) -> subprocess.Popen[bytes]:
         argv = self._lpreg("learner")
+        if self.learner_procs > 1:
+            # local.learner_procs ranks on this machine (FSDP2 over Gloo on the CPU).
+            torchrun = [
+                sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={self.learner_procs}",
+            ]  # fmt: skip
+            argv = [*torchrun, *argv[1:]]
         if resume:
             argv.append("--resume")
         self.learner = self._spawn(argv, "learner.log")

@@ -118,10 +118,19 @@ def run_local(
     except (LocalStartError, RuntimeError) as e:
         print(f"lpreg local: {e}", file=sys.stderr)
         return 2
+    if stopping["signals"]:
+        print("lpreg local: interrupted before the start; nothing was started", file=sys.stderr)
+        return EXIT_INTERRUPTED
     created = not run_dir.exists()
     # The learner starts issuing once every generator is up, so all of them serve from step 1.
     overrides = [*overrides, f"learner.min_generators={config.local.num_generators}"]
-    cluster = LocalCluster(config_path, run_dir, overrides, redis_server=config.local.redis_server)
+    cluster = LocalCluster(
+        config_path,
+        run_dir,
+        overrides,
+        redis_server=config.local.redis_server,
+        learner_procs=config.local.learner_procs,
+    )
     progress = Progress(
         run_dir / "metrics.jsonl", config.learner.steps, enabled=config.local.progress
     )
