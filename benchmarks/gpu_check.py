@@ -64,7 +64,8 @@ TINY_CONFIG = REPO_ROOT / "examples" / "tiny" / "config.yaml"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "gpu-check.json"
 
 # Peak dense bf16 tensor-core FLOP/s (NVIDIA data sheets; the sparse figures are twice these).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12}
+# Checked in order: the first entry whose words all appear in the device name wins.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12}
 
 # Qwen2.5-1.5B's shape (its config.json), weights left random.
 QWEN25_15B_SHAPE = {
