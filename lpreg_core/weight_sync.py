@@ -12,7 +12,8 @@ interfaces.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -100,10 +101,11 @@ class BucketReceiver(Protocol):
         timeout_s: float,
     ) -> None: ...
 
-    def receive(
+    def receive_buckets(
         self, manifest: WeightManifest, device: str, timeout_s: float
-    ) -> Iterable[tuple[str, Tensor]]:
-        """The published tensors, by name."""
+    ) -> AbstractContextManager[Iterator[tuple[str, Tensor]]]:
+        """The published tensors, by name, one bucket at a time (at most two buckets alive):
+        load each as it arrives. Closing the stream early drains the rest of the publish."""
         ...
 
     def leave(self) -> None: ...

@@ -143,6 +143,8 @@ class GeneratorLoop:
             checksum = self.backend.update_weights(manifest, self.config.learner.publish_timeout_s)
         except Exception as e:  # the learner drops us from the epoch; we rejoin the next one
             log.warning("loading weights v%d failed: %s", publish.version, e)
+            # The backend may hold a half-loaded model: sample nothing until a good publish.
+            self.weights_current.clear()
             self._report(publish.version, "", False, str(e), time.monotonic() - start)
             return
         load_s = time.monotonic() - start

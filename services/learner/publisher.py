@@ -23,7 +23,7 @@ from lpreg_core.weights import build_manifest, manifest_to_proto
 from lpreg_core.wire.lpreg.v1 import control_pb2
 from services.learner.metrics import LearnerMetrics
 from services.learner.registry import GeneratorRegistry
-from services.weight_sync import BroadcastFailed, MembersMissing
+from services.weight_sync import BroadcastError, BroadcastFailed, MembersMissing
 
 log = logging.getLogger("lpreg.learner.publish")
 
@@ -154,7 +154,7 @@ class BroadcastPublisher:
         t = time.monotonic()
         try:
             self.sender.send(flats, timeout_s)
-        except BroadcastFailed as e:
+        except BroadcastError as e:  # a dead member, a deadline, or a member's bad bytes
             log.warning(
                 "broadcast of v%d failed (%s); the next publish starts a new epoch", version, e
             )
