@@ -557,6 +557,9 @@ def run_chaos(base: Path, steps: int, kills: int) -> dict[str, Any]:
     schedule.sort(key=lambda s: s[0])
     events = []
     start = time.monotonic()
+    stall: dict[str, Any] | None = None
+    code: int | None = None
+    summary: dict[str, Any] = {}
     try:
         d.start()
         for step, what, action in schedule:
@@ -565,6 +568,12 @@ def run_chaos(base: Path, steps: int, kills: int) -> dict[str, Any]:
             events.append({"after_step": step, "fault": what})
             log(f"chaos: after step {step}: {what}")
         code, summary = d.finish(STEP_TIMEOUT_S + 10 * steps)
+    except (TimeoutError, RuntimeError) as e:
+        log(f"chaos: stalled: {e}")
+        try:
+            stall = {"error": str(e), **diagnose_stall(d)}
+        except Exception as diag_error:  # Redis itself may be what broke
+            stall = {"error": str(e), "diagnosis_failed": repr(diag_error)}
     finally:
         d.stop()
     rows = read_metrics(c.run_dir)
@@ -590,7 +599,39 @@ def run_chaos(base: Path, steps: int, kills: int) -> dict[str, Any]:
         ),
         "trained_token_steps_logged": len(last),
         "faults": events,
+        "stall": stall,
         "wall_s": round(time.monotonic() - start, 1),
+    }
+
+
+def diagnose_stall(d: Deployment) -> dict[str, Any]:
+    """What a stalled run's Redis and newest checkpoint say: issued tasks admission still counts
+    as outstanding although the checkpoint has them trained hold slots no task will free."""
+    issued = d.issued()
+    r = d.r()
+    checkpoints = d.cluster.run_dir / "checkpoints"
+    trained: set[str] = set()
+    latest = checkpoints / "latest"
+    if latest.exists():
+        state = checkpoints / latest.read_text().strip() / "state.json"
+        if state.exists():
+            trained = set(json.loads(state.read_text()).get("trained_tasks", []))
+
+    def pending(stream: str, group: str) -> int:
+        return int(r.xpending(d.key(stream), group)["pending"])
+
+    return {
+        "issued_tasks_outstanding": len(issued),
+        "admission_limit": 2 * 4,  # (max_staleness + 1) * prompts_per_step
+        "issued_tasks_already_trained_per_checkpoint": len(set(issued) & trained),
+        "prompts_stream": {
+            "length": r.xlen(d.key("prompts")),
+            "pending": pending("prompts", "generators"),
+        },
+        "rollouts_stream": {
+            "length": r.xlen(d.key("rollouts")),
+            "pending": pending("rollouts", "learner"),
+        },
     }
 
 
