@@ -42,6 +42,7 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_every_service_rides_through_a_20s_redis_stop(cluster: LocalCluster) -> None:
     cluster.start_redis()
