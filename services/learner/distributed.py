@@ -393,12 +393,17 @@ class DistributedTrainer(Trainer):
         return dict(zip(keys, values.tolist(), strict=True))
 
 
-def full_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
-    """(name, full tensor in ``dtype``) of each parameter, gathered from the shards one at a
-    time: collective, every rank iterates it to the end; only rank 0 needs the tensors."""
+def full_weights(
+    model: torch.nn.Module, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, Tensor]]:
+    """(name, full tensor, in ``dtype`` if given) of each parameter, gathered from the shards one
+    at a time: collective, every rank iterates it to the end; only rank 0 needs the tensors."""
     for name, param in model.named_parameters():
         full = param.full_tensor() if isinstance(param, DTensor) else param
-        yield name.replace(_WRAPPED, ""), full.detach().to(dtype)
+        yield (
+            name.replace(_WRAPPED, ""),
+            full.detach() if dtype is None else full.detach().to(dtype),
+        )
 
 
 # Commands rank 0 sends to the other ranks, who then take part in the matching collective.
@@ -498,7 +503,7 @@ def follow(
         if op == STEP:
             trainer.step(build_batch(decode_groups(message["groups"]), advantage_mode))
         elif op == WEIGHTS:
-            for _ in full_weights(trainer.model, torch.float32):
+            for _ in full_weights(trainer.model):
                 pass
         elif op in handlers:
             handlers[op](message)
@@ -541,7 +546,8 @@ class Sharded:
             activation_checkpointing=config.activation_checkpointing,
         )
 
-    def policy_trainer(self, trainer: DistributedTrainer, advantage_mode: str) -> LeadingTrainer:
+    def policy_trainer(self, trainer: Trainer, advantage_mode: str) -> LeadingTrainer:
+        assert isinstance(trainer, DistributedTrainer), "built by Sharded.trainer"
         return LeadingTrainer(trainer, self.commands, advantage_mode)
 
     def weights(

@@ -166,7 +166,7 @@ def build_learner(
         registry=registry,
         trainer=BatchTrainer(trainer, config.learner.advantage_mode)
         if sharded is None
-        else sharded.policy_trainer(trainer, config.learner.advantage_mode),  # type: ignore[arg-type]
+        else sharded.policy_trainer(trainer, config.learner.advantage_mode),
         checkpointer=checkpointer_for(config, trainer, sharded),
         source=source,
         metrics=metrics,
