@@ -23,6 +23,9 @@ The step (:class:`DistributedTrainer`) gives the same update as one process:
   and FSDP's gradient reduction sums (divide factor 1), so the reduced gradient is that of the
   whole mini-batch. Every rank runs the same number of forward/backward passes (FSDP's
   collectives pair up); a rank short of rows runs a zero-weight pass.
+Lp-Reg's ``ranking: micro_batch`` (the reference's per-micro-batch ranking) depends on how
+sequences are packed by definition, so with it N ranks pack, and rank, differently from one
+process; the default ``ranking: step`` is what makes the update independent of N.
 """
 
 from __future__ import annotations
@@ -200,6 +203,13 @@ class DistributedTrainer(Trainer):
         shard_model(model, ctx.mesh, mp_policy, activation_checkpointing)
         super().__init__(model, config, device=ctx.device, compute_dtype=compute_dtype)
         self.ctx = ctx
+        if self.loss_config.proxy_filter is not None and self.loss_config.step_ranking is None:
+            log.warning(
+                "Lp-Reg ranks candidates per micro-batch (loss.ranking=micro_batch): with %d "
+                "ranks the micro-batches, so the candidates, differ from one process's; "
+                "loss.ranking=step gives the same update on any number of ranks",
+                ctx.world_size,
+            )
         # The statistics pass reads the root's parameters (embeddings, norm, LM head) outside
         # model.forward: run it under the root's FSDP hooks.
         object.__setattr__(model, "lpreg_token_stats", self._owned_token_stats)

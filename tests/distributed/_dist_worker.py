@@ -6,9 +6,9 @@ For each of spec["cases"] (a name, a learner config, activation_checkpointing): 
 model, one DistributedTrainer step on the groups in spec["groups"]; rank 0 writes the step's
 metrics (<name>/stats.json), the full gradients as the last update left them
 (<name>/grads.safetensors) and the full parameters after the step (<name>/params.safetensors)
-under spec["out"]. With spec["save"] (a directory), after the first case: a ShardedCheckpointer
+under spec["out"]. With spec["save"] (a directory), after the last case: a ShardedCheckpointer
 save there, and rank 0 writes the full model and optimiser state (saved/state.safetensors). With
-spec["load"]: a fresh model and trainer (first case's config) restore the newest checkpoint
+spec["load"]: a fresh model and trainer (last case's config, no activation checkpointing) restore the newest checkpoint
 there; rank 0 writes what they hold (loaded/state.safetensors, loaded/loop.json).
 """
 
@@ -109,10 +109,10 @@ def main() -> None:
     torch.set_num_threads(1)
     ctx = init_distributed("cpu")
     batch = build_batch(load_groups(spec["groups"]), "std")
-    first_config = None
+    last_config = None
     for i, case in enumerate(spec["cases"]):
         config = LearnerConfig.model_validate(case["learner"])
-        first_config = first_config or config
+        last_config = config
         model = fresh_model()
         trainer = DistributedTrainer(
             model, config, ctx, activation_checkpointing=bool(case.get("activation_checkpointing"))
@@ -125,7 +125,7 @@ def main() -> None:
             (where / "stats.json").write_text(json.dumps(stats))
             save_file(grads, str(where / "grads.safetensors"))
             save_file(params, str(where / "params.safetensors"))
-        if i == 0 and spec.get("save"):
+        if i == len(spec["cases"]) - 1 and spec.get("save"):
             checkpointer = ShardedCheckpointer(
                 Path(spec["save"]), model, trainer.optimizer, trainer.scheduler, keep_last=2
             )
@@ -135,9 +135,9 @@ def main() -> None:
                 (out / "saved").mkdir(parents=True, exist_ok=True)
                 save_file(state, str(out / "saved" / "state.safetensors"))
     if spec.get("load"):
-        assert first_config is not None
+        assert last_config is not None
         model = fresh_model()
-        trainer = DistributedTrainer(model, first_config, ctx)
+        trainer = DistributedTrainer(model, last_config, ctx)
         checkpointer = ShardedCheckpointer(
             Path(spec["load"]), model, trainer.optimizer, trainer.scheduler, keep_last=2
         )
