@@ -12,10 +12,13 @@ Layout of one checkpoint (written to a temporary directory, fsynced, then rename
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +182,22 @@ def is_sharded(path: Path) -> bool:
     return (path / SHARDED_MARKER).is_file()
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def _one_process_quietly() -> Iterator[None]:
+    """DCP warns that it "assumes" one process whenever there is no process group: here one
+    process is the intent (a plain learner reading or writing the sharded format)."""
+    with warnings.catch_warnings():
+        if not _distributed():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         torch.distributed.barrier()
 
 
@@ -212,8 +229,7 @@ class ShardedCheckpointer:
         self.scheduler = scheduler
         self.keep_last = keep_last
         self.announce = announce
-        dist = torch.distributed
-        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.rank = torch.distributed.get_rank() if _distributed() else 0
 
     def _state_dicts(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -236,7 +252,8 @@ class ShardedCheckpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier()
-        dcp.save(self._state_dicts(), checkpoint_id=str(tmp))
+        with _one_process_quietly():
+            dcp.save(self._state_dicts(), checkpoint_id=str(tmp), no_dist=not _distributed())
         _barrier()  # every rank's shards are written before rank 0 moves them into place
         if self.rank == 0:
             _write_json(
@@ -287,7 +304,8 @@ class ShardedCheckpointer:
                 "torchrun resumes only from checkpoints written by ShardedCheckpointer"
             )
         sd = self._state_dicts()
-        dcp.load(sd, checkpoint_id=str(path))
+        with _one_process_quietly():
+            dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
         set_state_dict(
             self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"]
         )
