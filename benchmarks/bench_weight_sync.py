@@ -123,7 +123,13 @@ def _worker(rank: int, store_port: int, raw_port: int, num_bytes: int) -> None:
     torch.set_num_threads(1)
     world_size = NUM_MEMBERS + 1
     receiver = WeightReceiver(device_host="127.0.0.1")
-    receiver.join(1, rank, world_size, "127.0.0.1", store_port, "gloo", JOIN_TIMEOUT_S)
+    # The epoch's rendezvous secret comes first on stdin (the benchmark's stand-in for the
+    # JoinGroup event over gRPC), never on the command line.
+    secret = bytes.fromhex(json.loads(sys.stdin.readline())["secret"])
+    join_extra: dict[str, Any] = {"secret": secret} if secret else {}
+    receiver.join(
+        1, rank, world_size, "127.0.0.1", store_port, "gloo", JOIN_TIMEOUT_S, **join_extra
+    )
     _store, raw_pg = _raw_group(rank, world_size, raw_port, False)
     raw_buffer = torch.empty(num_bytes, dtype=torch.uint8)
     model: dict[str, torch.Tensor] = {}
@@ -204,10 +210,14 @@ def run(num_bytes: int, repeats: int, bucket_bytes: int, log: IO) -> dict[str, A
     members: list[Member] = []
     with WeightSender(config, "cpu", device_host="127.0.0.1") as sender:
         try:
+            draw = getattr(sender, "epoch_secret", None)
+            secret = bytes(draw(1)) if draw is not None else b""
             members = [
                 Member(rank, sender.port, raw_port, total_bytes, log)
                 for rank in range(1, NUM_MEMBERS + 1)
             ]
+            for m in members:
+                m.send(secret=secret.hex())
             sender.open_epoch(1, NUM_MEMBERS + 1, JOIN_TIMEOUT_S)
             _store, raw_pg = _raw_group(0, NUM_MEMBERS + 1, raw_port, True)
             for m in members:
