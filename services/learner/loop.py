@@ -79,6 +79,8 @@ class LearnerLoop:
         # (entry id, task id) of groups trained since the last checkpoint; task id None for a
         # duplicate (nothing to retire).
         self.pending_acks: list[tuple[str, str | None]] = []
+        # (entry id, task id) of the groups collected for the step being assembled.
+        self._collected: list[tuple[str, str | None]] = []
         self.resumed = False
         self._reissue_lost: list[int] = []
         self._observed_generators: set[str] = set()
@@ -303,7 +305,9 @@ class LearnerLoop:
                 self.metrics.rollout_staleness.observe(staleness(self.state.version, oldest))
                 seen.add(g.task_id)
                 groups.append(g)
-                self.pending_acks.append((d.entry_id, g.task_id))
+                # Acked (and its task retired) with the first checkpoint after it is trained;
+                # until then it is outstanding work.
+                self._collected.append((d.entry_id, g.task_id))
             # Re-issue before acking: a crash in between re-drops a group, never loses a prompt.
             self.issue(reissue, retiring=len(retire), dead_lettered=dead)
             if done:
@@ -331,6 +335,8 @@ class LearnerLoop:
         s = self.state
         t0 = self.clock.monotonic()
         stats = self.trainer.train_step(groups)
+        self.pending_acks += self._collected
+        self._collected = []
         train_s = self.clock.monotonic() - t0
         s.step += 1
         s.version += 1

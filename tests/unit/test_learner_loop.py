@@ -207,6 +207,9 @@ def test_synchronous_admission_issues_one_step_and_waits_for_loads() -> None:
     h.loop.step_once()
     assert h.publisher.published[-1] == (1, [], True)  # wait_loaded at max_staleness 0
     assert h.prompts_waiting() == B
+    # The next step's prompts went out after the update, for the new version: issued while the
+    # step's groups were still being collected they would have come back stale.
+    assert [d.value.issue_version for d in h.gen.read_tasks(10, block_ms=0)] == [1] * B
 
 
 def test_stale_groups_are_dropped_reissued_and_never_trained() -> None:
