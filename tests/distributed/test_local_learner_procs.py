@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from localrun import ROOT, TINY_CONFIG, run_local
 
 from services.learner.checkpoint import is_sharded, latest_checkpoint
@@ -22,6 +23,7 @@ SMALL = (
 )
 
 
+@pytest.mark.slow
 def test_two_learner_ranks_train_and_one_process_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     summary = run_local(run_dir, "local.learner_procs=2", "learner.steps=4", *SMALL, timeout_s=500)
