@@ -78,3 +78,15 @@ def test_a_failing_logger_never_stops_the_others(tmp_path: Path) -> None:
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     assert "reward/reward_mean" in acc.Tags()["scalars"]
+
+
+def test_optional_loggers_say_how_to_install_them(tmp_path: Path) -> None:
+    import importlib.util
+
+    import pytest
+
+    for name in ("wandb", "mlflow"):
+        if importlib.util.find_spec(name) is not None:
+            continue  # installed: the adapter would start a real run
+        with pytest.raises(RuntimeError, match=f"pip install {name}"):
+            make_loggers([name], tmp_path, "t", {})
