@@ -25,18 +25,10 @@ def test_gpu_check_quick_on_cpu_writes_every_field(tmp_path: Path) -> None:
     out = tmp_path / "gpu-check.json"
     proc = subprocess.run(
         [
-            sys.executable,
-            "benchmarks/gpu_check.py",
-            "--device",
-            "cpu",
-            "--quick",
-            "--compute-dtype",
-            "bfloat16",
-            "--repeats",
-            "2",
-            "--out",
-            str(out),
-        ],  # fmt: skip
+            *(sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick"),
+            *("--compute-dtype", "bfloat16", "--repeats", "2", "--out", str(out)),
+            *("--e2e-dir", str(tmp_path / "e2e")),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
