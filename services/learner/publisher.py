@@ -23,7 +23,12 @@ from lpreg_core.weights import build_manifest, manifest_to_proto
 from lpreg_core.wire.lpreg.v1 import control_pb2
 from services.learner.metrics import LearnerMetrics
 from services.learner.registry import GeneratorRegistry
-from services.weight_sync import BroadcastError, BroadcastFailed, MembersMissing
+from services.weight_sync import (
+    BroadcastError,
+    BroadcastFailed,
+    MembersMissing,
+    epoch_secret_of,
+)
 
 log = logging.getLogger("lpreg.learner.publish")
 
@@ -99,6 +104,7 @@ class BroadcastPublisher:
                             store_port=self.sender.port,
                             backend=self.backend,
                             timeout_s=timeout_s,
+                            secret=epoch_secret_of(self.sender, self.epoch),
                         )
                     ),
                 )

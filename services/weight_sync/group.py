@@ -1,18 +1,24 @@
 """Bucketed weight broadcast from the learner (rank 0) to every generator worker.
 
 One code path for both backends: Gloo on CPU, NCCL on GPU (``resolve_backend``). Process groups
-are stateless: each group epoch builds a fresh backend object over a ``PrefixStore`` of the
-learner's ``TCPStore``, never the global default group, so membership can change between publishes
+are stateless: each group epoch builds a fresh backend object over a sealed, prefixed view of the
+learner's ``TCPStore`` (``rendezvous.SealedStore``), never the global default group, so membership can change between publishes
 and a failed epoch is simply dropped.
 
-Protocol, all keys under ``epoch/{e}/`` in the learner's store:
+Protocol, all keys under ``epoch/{e}/{tag}/`` in the learner's store, every value sealed under
+the epoch's secret (``services.weight_sync.rendezvous``: the learner draws the secret per epoch and
+hands it out only in the JoinGroup event; ``tag`` derives from it):
 
-1. The learner calls ``WeightSender.open_epoch(e, world_size, join_timeout_s)``; every member
-   (``WeightReceiver.join``) announces ``joined/{rank}`` and waits for ``members``.
-2. When all ranks 1..world_size-1 have announced, the learner writes ``members`` (the world size)
-   and everyone builds the group over ``epoch/{e}/pg/``. If some never announce, the learner writes
-   ``aborted`` and raises ``MembersMissing`` (the waiting members see ``aborted`` and give up at
-   once); the caller opens a new epoch without them.
+1. The learner draws the secret (``WeightSender.epoch_secret(e)``), sends each member its
+   JoinGroup with it, and calls ``WeightSender.open_epoch(e, world_size, join_timeout_s)``; every
+   member (``WeightReceiver.join``) announces ``joined/{rank}`` (sealed: it knows the secret and
+   claims that rank of that world size) and waits for ``members``.
+2. When all ranks 1..world_size-1 have announced with a value that opens and matches their
+   assignment, the learner writes ``members`` (the world size) and everyone builds the group over
+   ``pg/`` (Gloo's and NCCL's own rendezvous values are sealed as well). A forged announcement is
+   ignored, so the rank stays missing. If some never announce, the learner writes ``aborted`` and
+   raises ``MembersMissing`` (the waiting members see ``aborted`` and give up at once); the caller
+   opens a new epoch without them. Members believe ``members`` and ``aborted`` only when sealed.
 3. Each publish: the manifest goes over gRPC (the control plane), then ``send``/``receive_buckets``
    broadcast every non-empty bucket from rank 0 and finish with one small all-reduce in which every
    member reports whether its sha256 over the received bytes matches the manifest. ``send`` returns
@@ -34,6 +40,7 @@ Neither class is thread-safe; each is driven by one thread of its service.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -174,12 +181,31 @@ class _Deadline:
         return timedelta(seconds=max(self.remaining_s(), 0.001))
 
 
-def _epoch_store(store: dist.Store, epoch: int) -> dist.PrefixStore:
-    return dist.PrefixStore(f"epoch/{epoch}", store)
-
-
 def _joined_key(rank: int) -> str:
     return f"joined/{rank}"
+
+
+def _joined_claim(epoch: int, rank: int, world_size: int, member: str) -> bytes:
+    """A member's announcement: the rank assignment it received in its JoinGroup, and who it is."""
+    claim = {"epoch": epoch, "rank": rank, "world_size": world_size, "member": member}
+    return json.dumps(claim, sort_keys=True).encode()
+
+
+def _claim_member(claim: bytes, epoch: int, rank: int, world_size: int) -> str | None:
+    """Who announced ``rank`` if the (opened) claim matches the learner's assignment, else None."""
+    try:
+        fields = json.loads(claim)
+    except ValueError:
+        return None
+    if not isinstance(fields, dict):
+        return None
+    if (fields.get("epoch"), fields.get("rank"), fields.get("world_size")) != (
+        epoch,
+        rank,
+        world_size,
+    ):
+        return None
+    return str(fields.get("member", "?"))
 
 
 _MEMBERS_KEY = "members"

@@ -30,13 +30,14 @@ from services.weight_sync.group import (
     ChecksumMismatch,
     GroupBackend,
     _Deadline,
-    _epoch_store,
     _Group,
+    _joined_claim,
     _joined_key,
     _local_address_towards,
     _new_backend,
     check_receive_target,
 )
+from services.weight_sync.rendezvous import EpochKeys, SealedStore, check_secret
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,7 @@ class WeightReceiver:
         self._store: dist.TCPStore | None = None
         self._store_address: tuple[str, int] | None = None
         self._group: _Group | None = None
+        self._epoch_store: SealedStore | None = None
         self._stream: BucketStream | None = None
         self._buffers = _BufferAccount()
 
@@ -261,14 +263,16 @@ class WeightReceiver:
         timeout_s: float,
         *,
         device: torch.device | str | None = None,
+        secret: bytes = b"",
     ) -> None:
         """Announce this rank in ``epoch`` and connect its group (blocks until formed).
 
-        ``device`` is where received weights will live (default: CPU for Gloo, the current CUDA
-        device for NCCL). Raises ``ValueError`` before contacting anyone when the settings cannot
-        work (an NCCL group with a CPU ``device`` or without CUDA), ``BroadcastFailed`` if the
-        store is unreachable, the learner gave up on the epoch, or the group cannot be connected
-        before ``timeout_s``.
+        ``secret`` is the epoch's rendezvous secret from the JoinGroup event (required: every
+        store value is sealed under it). ``device`` is where received weights will live
+        (default: CPU for Gloo, the current CUDA device for NCCL). Raises ``ValueError`` before
+        contacting anyone when the settings cannot work (no secret, an NCCL group with a CPU
+        ``device`` or without CUDA), ``BroadcastFailed`` if the store is unreachable, the learner
+        gave up on the epoch, or the group cannot be connected before ``timeout_s``.
         """
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"unknown broadcast backend {backend!r} (expected gloo or nccl)")
@@ -285,33 +289,40 @@ class WeightReceiver:
                 torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
             )
         group_device = check_receive_target(backend, device)
+        check_secret(secret)
         deadline = _Deadline(timeout_s)
         self.leave()
         context = f"epoch {epoch}, rank {rank}/{world_size}, store {store_host}:{store_port}"
+        keys = EpochKeys(secret, epoch)
         store = self._connect_store(store_host, store_port, deadline, context)
-        epoch_store = _epoch_store(store, epoch)
-        announce = f"{socket.gethostname()}:{os.getpid()}"
+        epoch_store = SealedStore.for_epoch(store, keys)
+        claim = _joined_claim(epoch, rank, world_size, f"{socket.gethostname()}:{os.getpid()}")
         try:
-            epoch_store.set(_joined_key(rank), announce)
+            epoch_store.set(_joined_key(rank), claim)
         except dist.DistError:
             # A learner restarted on the same address leaves our cached connection dead.
             self._drop_store()
             store = self._connect_store(store_host, store_port, deadline, context)
-            epoch_store = _epoch_store(store, epoch)
+            epoch_store = SealedStore.for_epoch(store, keys)
         try:
-            epoch_store.set(_joined_key(rank), announce)
+            epoch_store.set(_joined_key(rank), claim)
             while True:
-                if epoch_store.check([_ABORTED_KEY]):
-                    reason = epoch_store.get(_ABORTED_KEY).decode(errors="replace")
-                    raise BroadcastFailed(f"{context}: the learner abandoned the epoch ({reason})")
-                if epoch_store.check([_MEMBERS_KEY]):
+                # Only values sealed under the secret count: anyone can write plain keys here.
+                reason = epoch_store.read_sealed(_ABORTED_KEY)
+                if reason is not None:
+                    raise BroadcastFailed(
+                        f"{context}: the learner abandoned the epoch "
+                        f"({reason.decode(errors='replace')})"
+                    )
+                members_value = epoch_store.read_sealed(_MEMBERS_KEY)
+                if members_value is not None:
                     break
                 if deadline.expired():
                     raise BroadcastFailed(
                         f"{context}: the learner did not start the epoch within {timeout_s:.1f}s"
                     )
                 time.sleep(min(JOIN_POLL_INTERVAL_S, deadline.remaining_s()))
-            members = int(epoch_store.get(_MEMBERS_KEY))
+            members = int(members_value)
         except dist.DistError as e:
             self._drop_store()
             raise BroadcastFailed(f"{context}: lost the learner's store: {e}") from e
@@ -322,7 +333,7 @@ class WeightReceiver:
         device_host = self._device_host or _local_address_towards(store_host, store_port)
         try:
             pg = _new_backend(
-                dist.PrefixStore("pg", epoch_store),
+                epoch_store.child("pg"),
                 rank,
                 world_size,
                 group_backend,
@@ -333,6 +344,7 @@ class WeightReceiver:
         except RuntimeError as e:
             raise BroadcastFailed(f"{context}: could not connect the {backend} group: {e}") from e
         self._group = _Group(pg, epoch, rank, world_size, group_backend, group_device)
+        self._epoch_store = epoch_store
 
     def _connect_store(
         self, host: str, port: int, deadline: _Deadline, context: str
@@ -387,20 +399,20 @@ class WeightReceiver:
         loaded some of the tensors. Close the stream (``with``) when done: closing it early
         receives and discards the rest, so the learner and the other members finish the publish.
         """
-        group = self._group
-        if group is None or self._store is None:
+        group, epoch_store = self._group, self._epoch_store
+        if group is None or epoch_store is None or self._store is None:
             raise RuntimeError("receive_buckets() needs a joined epoch: call join() first")
         _validate_manifest(manifest)
         target = check_receive_target(group.backend, device)
         if self._stream is not None:
             # The previous publish must be off the wire before this one can start.
             self._stream.close()
-        epoch_store = _epoch_store(self._store, group.epoch)
 
         def abort_reason() -> str | None:
             try:
-                if epoch_store.check([_ABORTED_KEY]):
-                    return epoch_store.get(_ABORTED_KEY).decode(errors="replace")
+                reason = epoch_store.read_sealed(_ABORTED_KEY)
+                if reason is not None:
+                    return reason.decode(errors="replace")
             except dist.DistError as e:
                 return f"lost the learner's store: {e}"
             return None
@@ -433,6 +445,7 @@ class WeightReceiver:
         if stream is not None:
             stream._abandon()
         group, self._group = self._group, None
+        self._epoch_store = None
         if group is not None:
             group.release()
 

@@ -22,28 +22,35 @@ from services.weight_sync.group import (
     ChecksumMismatch,
     GroupBackend,
     MembersMissing,
+    _claim_member,
     _Deadline,
-    _epoch_store,
     _Group,
     _is_wildcard,
     _joined_key,
     _new_backend,
     resolve_backend,
 )
+from services.weight_sync.rendezvous import EpochKeys, SealedStore, new_secret
 
 if TYPE_CHECKING:
     from lpreg_core.config import BroadcastConfig
 
 log = logging.getLogger(__name__)
 
+# An epoch's own keys number a few per rank; far more keys outside the kept epochs means someone
+# writes into the store. Deleting is one store round trip per key, so the sweep is capped to keep
+# opening an epoch fast whatever was written.
+_SWEEP_MAX_KEYS = 10_000
+
 
 class WeightSender:
     """Learner side (rank 0): owns the TCPStore and the group of the current epoch.
 
     ``WeightSender(config.broadcast, device)`` binds the store on ``store_host:store_port``
-    (port 0 picks a free one; see ``.port``). Per membership change: ``open_epoch``; per publish:
-    ``send`` the flat buffers returned by ``lpreg_core.weights.build_manifest`` after the manifest
-    went out over gRPC.
+    (port 0 picks a free one; see ``.port``). Per membership change: ``epoch_secret`` (hand it to
+    the members in their JoinGroup, over gRPC only), then ``open_epoch``; per publish: ``send`` the
+    flat buffers returned by ``lpreg_core.weights.build_manifest`` after the manifest went out over
+    gRPC.
     """
 
     def __init__(
@@ -86,6 +93,10 @@ class WeightSender:
             raise
         self._group: _Group | None = None
         self._last_epoch = -1
+        # Secrets drawn for epochs not opened yet, and the open (or last) epoch's sealed keys.
+        self._secrets: dict[int, bytes] = {}
+        self._epoch_store: SealedStore | None = None
+        self._kept_prefixes: tuple[str, ...] = ()
 
     @property
     def epoch(self) -> int | None:
@@ -102,12 +113,28 @@ class WeightSender:
             raise RuntimeError("the weight sender is closed")
         return self._store
 
+    def epoch_secret(self, epoch: int) -> bytes:
+        """The rendezvous secret of ``epoch``: fresh random bytes the first time it is asked for.
+
+        Hand it to the epoch's members in their JoinGroup event, and to nobody else: without it a
+        process can neither claim a rank nor be believed by the learner or the members.
+        """
+        if epoch <= self._last_epoch:
+            raise ValueError(f"epochs must increase: {epoch} after {self._last_epoch}")
+        secret = self._secrets.get(epoch)
+        if secret is None:
+            secret = self._secrets[epoch] = new_secret()
+        return secret
+
     def open_epoch(self, epoch: int, world_size: int, join_timeout_s: float) -> None:
         """Form the group of ``epoch`` with ranks 0..world_size-1, or raise.
 
-        Waits until every member rank has announced itself, then builds the group. Raises
-        ``MembersMissing`` if some never announce before the deadline, ``BroadcastFailed`` if the
-        group cannot be connected (a member died after announcing). An open epoch is closed first.
+        Waits until every member rank has announced itself with the epoch's secret
+        (``epoch_secret``, which must have been drawn first), then builds the group. Raises
+        ``MembersMissing`` if some never announce before the deadline (an announcement that is
+        not sealed under the secret for that rank and world size counts as none),
+        ``BroadcastFailed`` if the group cannot be connected (a member died after announcing). An
+        open epoch is closed first.
         """
         store = self._require_store()
         if epoch <= self._last_epoch:
@@ -116,13 +143,39 @@ class WeightSender:
             raise ValueError(
                 f"an epoch needs the learner and at least one member, got {world_size}"
             )
+        secret = self._secrets.get(epoch)
+        if secret is None:
+            raise ValueError(
+                f"epoch {epoch} has no secret: call epoch_secret({epoch}) and hand it to the "
+                "members in their JoinGroup first"
+            )
         deadline = _Deadline(join_timeout_s)
         self.close_epoch()
         self._last_epoch = epoch
-        epoch_store = _epoch_store(store, epoch)
+        self._secrets = {e: s for e, s in self._secrets.items() if e > epoch}
+        keys = EpochKeys(secret, epoch)
+        epoch_store = self._epoch_store = SealedStore.for_epoch(store, keys)
+        self._sweep(store, keys.prefix)
         pending = {rank: _joined_key(rank) for rank in range(1, world_size)}
+        forged: set[int] = set()
         while True:
-            pending = {r: k for r, k in pending.items() if not epoch_store.check([k])}
+            for rank, key in list(pending.items()):
+                if not epoch_store.check([key]):
+                    continue
+                claim = epoch_store.read_sealed(key)
+                member = None if claim is None else _claim_member(claim, epoch, rank, world_size)
+                if member is None:
+                    if rank not in forged:
+                        forged.add(rank)
+                        log.warning(
+                            "epoch %d: ignoring an announcement of rank %d that does not carry "
+                            "the epoch's secret and rank assignment",
+                            epoch,
+                            rank,
+                        )
+                    continue
+                log.debug("epoch %d: rank %d is %s", epoch, rank, member)
+                del pending[rank]
             if not pending:
                 break
             if deadline.expired():
@@ -133,7 +186,7 @@ class WeightSender:
         epoch_store.set(_MEMBERS_KEY, str(world_size))
         try:
             pg = _new_backend(
-                dist.PrefixStore("pg", epoch_store),
+                epoch_store.child("pg"),
                 0,
                 world_size,
                 self.backend,
@@ -149,6 +202,26 @@ class WeightSender:
             raise BroadcastFailed(message) from e
         self._group = _Group(pg, epoch, 0, world_size, self.backend, self.device)
         log.info("epoch %d open: %s group of %d", epoch, self.backend, world_size)
+
+    def _sweep(self, store: dist.TCPStore, prefix: str) -> None:
+        """Delete every key but those of this epoch and the previous one (members of the previous
+        epoch may still be reading its ``aborted``): whatever anyone wrote into the store lives at
+        most two epochs."""
+        self._kept_prefixes = (*self._kept_prefixes[-1:], prefix + "/")
+        try:
+            stale = [k for k in store.list_keys() if not k.startswith(self._kept_prefixes)]
+            for key in stale[:_SWEEP_MAX_KEYS]:
+                store.delete_key(key)
+        except RuntimeError as e:  # a store without list_keys: nothing is swept
+            log.debug("store sweep skipped: %s", e)
+            return
+        if len(stale) > _SWEEP_MAX_KEYS:
+            log.warning(
+                "the weight-sync store holds %d keys of no current epoch (someone is writing "
+                "into it); deleted %d",
+                len(stale),
+                _SWEEP_MAX_KEYS,
+            )
 
     def send(self, flats: Sequence[torch.Tensor], timeout_s: float) -> None:
         """Broadcast the flat buckets to every member and wait until all verified them.
@@ -184,9 +257,9 @@ class WeightSender:
         group, self._group = self._group, None
         if group is None:
             return
-        if self._store is not None:
+        if self._epoch_store is not None:
             try:
-                _epoch_store(self._store, group.epoch).set(_ABORTED_KEY, reason)
+                self._epoch_store.set(_ABORTED_KEY, reason)
             except RuntimeError as e:
                 log.warning("epoch %d: could not mark it aborted in the store: %s", group.epoch, e)
         group.release()
@@ -203,6 +276,7 @@ class WeightSender:
         """Close the epoch and stop the store. Idempotent."""
         self.close_epoch()
         self._store = None
+        self._epoch_store = None
 
     def __enter__(self) -> WeightSender:
         return self
@@ -214,3 +288,10 @@ class WeightSender:
 def _flat_device(flats: Sequence[torch.Tensor], default: torch.device) -> torch.device:
     """Device of the buckets (the confirmation tensor must live where the collective runs)."""
     return flats[0].device if flats else default
+
+
+def epoch_secret_of(sender: object, epoch: int) -> bytes:
+    """The secret a ``BucketSender`` drew for ``epoch`` (``WeightSender.epoch_secret``); empty for
+    a sender without an authenticated rendezvous, which no ``WeightReceiver`` joins."""
+    draw = getattr(sender, "epoch_secret", None)
+    return bytes(draw(epoch)) if draw is not None else b""

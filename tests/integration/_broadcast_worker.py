@@ -3,7 +3,7 @@
 Run as ``python tests/integration/_broadcast_worker.py`` from the repository root. Each stdin line
 is one JSON command; each produces one JSON line on stdout:
 
-- ``{"op": "join", "epoch", "rank", "world_size", "port", "timeout_s"}``
+- ``{"op": "join", "epoch", "rank", "world_size", "port", "timeout_s", "secret": <hex>}``
 - ``{"op": "receive", "manifest": <hex of control_pb2.WeightManifest>, "timeout_s",
   "die_after_buckets": k, "close_after_buckets": k, "measure_rss": bool, "keep_tensors": bool
   (all optional)}``: receives bucket by bucket, hashing each tensor as it arrives and keeping none
@@ -20,6 +20,17 @@ is one JSON command; each produces one JSON line on stdout:
 - ``{"op": "leave"}``, ``{"op": "resources"}`` (open descriptors, threads, resident set),
   ``{"op": "exit"}``.
 
+An outsider, which has the store's address but no secret, uses the raw store instead:
+
+- ``{"op": "raw", "port", "actions": [[name, *args], ...]}`` runs each action on a plain
+  TCPStore client and answers ``{"ok", "results": [...]}``: ``["list"]`` (every key in the store),
+  ``["get", key]`` (hex), ``["set", key, text]``, ``["copy", source_key, target_key]`` (the raw
+  bytes, sealed or not).
+- ``{"op": "intrude", "port", "epoch", "rank", "world_size", "timeout_s"}`` finds the epoch's
+  keys with ``list_keys``, waits for ``rank``'s Gloo address there, builds a Gloo group as that
+  rank over the same keys and waits for a broadcast from rank 0; answers with the tensor it got,
+  or the error.
+
 Errors come back as ``{"ok": false, "error": <class name>, "message": ...}``.
 """
 
@@ -31,12 +42,17 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from datetime import timedelta  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
 
 from lpreg_core.weights import manifest_from_proto  # noqa: E402
 from lpreg_core.wire.lpreg.v1 import control_pb2  # noqa: E402
@@ -87,6 +103,58 @@ def consume(
     return tensors
 
 
+def raw_store(port: int) -> dist.TCPStore:
+    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
+
+
+def raw_actions(port: int, actions: list[list[str]]) -> list[Any]:
+    store = raw_store(port)
+    results: list[Any] = []
+    for name, *args in actions:
+        if name == "list":
+            results.append(sorted(store.list_keys()))
+        elif name == "get":
+            results.append(store.get(args[0]).hex())
+        elif name == "set":
+            store.set(args[0], args[1])
+            results.append(None)
+        elif name == "copy":
+            store.set(args[1], store.get(args[0]))  # type: ignore[arg-type]
+            results.append(None)
+        else:
+            raise ValueError(f"unknown raw action {name!r}")
+    return results
+
+
+def intrude(command: dict[str, Any]) -> dict[str, Any]:
+    """Join the collective directly through the store, as a process without the secret would.
+
+    Watches the store for the epoch's keys (``list_keys``), waits until the member of ``rank``
+    published its Gloo address, then builds a Gloo group as that rank, overwriting it, and waits
+    for rank 0's broadcast.
+    """
+    store = raw_store(command["port"])
+    epoch_keys = f"epoch/{command['epoch']}/"
+    prefix = None
+    while prefix is None:
+        for key in store.list_keys():
+            if key.startswith(epoch_keys) and "/pg/" in key and key.endswith(f"/{command['rank']}"):
+                prefix = key.split("/pg/", 1)[0]
+        time.sleep(0.002)
+    options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    options._timeout = timedelta(seconds=command["timeout_s"])
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    got = torch.zeros(8)
+    try:
+        pg = dist.ProcessGroupGloo(
+            dist.PrefixStore(prefix + "/pg", store), command["rank"], command["world_size"], options
+        )
+        pg.broadcast([got]).wait()
+    except Exception as e:  # whatever Gloo makes of sealed addresses: the intrusion failed
+        return {"ok": False, "prefix": prefix, "error": type(e).__name__, "message": str(e)}
+    return {"ok": True, "prefix": prefix, "received": got.tolist()}
+
+
 def handle(receiver: WeightReceiver, command: dict[str, Any]) -> dict[str, Any]:
     op = command["op"]
     if op == "join":
@@ -98,8 +166,13 @@ def handle(receiver: WeightReceiver, command: dict[str, Any]) -> dict[str, Any]:
             command["port"],
             "gloo",
             command["timeout_s"],
+            secret=bytes.fromhex(command.get("secret", "")),
         )
         return {"ok": True, "epoch": command["epoch"]}
+    if op == "raw":
+        return {"ok": True, "results": raw_actions(command["port"], command["actions"])}
+    if op == "intrude":
+        return intrude(command)
     if op == "receive":
         proto = control_pb2.WeightManifest.FromString(bytes.fromhex(command["manifest"]))
         manifest = manifest_from_proto(proto)

@@ -97,14 +97,23 @@ class Worker:
         tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
         return "\nworker stderr:\n" + "\n".join(tail) if tail else ""
 
-    def join(self, epoch: int, rank: int, world_size: int, port: int) -> None:
+    def join(
+        self,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        port: int,
+        secret: bytes,
+        timeout_s: float = JOIN_TIMEOUT_S,
+    ) -> None:
         self.command(
             op="join",
             epoch=epoch,
             rank=rank,
             world_size=world_size,
             port=port,
-            timeout_s=JOIN_TIMEOUT_S,
+            timeout_s=timeout_s,
+            secret=secret.hex(),
         )
 
     def receive(self, manifest: WeightManifest, **extra: Any) -> None:
@@ -135,9 +144,10 @@ class Worker:
         self._log.close()
 
 
-@pytest.fixture
-def spawn_workers(tmp_path: Path) -> Iterator[Callable[[int], list[Worker]]]:
-    """``spawn(n)`` starts n member processes (in parallel) and waits until they are ready."""
+@contextlib.contextmanager
+def worker_pool(tmp_path: Path) -> Iterator[Callable[[int], list[Worker]]]:
+    """``spawn(n)`` starts n member processes (in parallel) and waits until they are ready; all
+    are stopped on exit."""
     workers: list[Worker] = []
 
     def spawn(n: int) -> list[Worker]:
@@ -147,19 +157,31 @@ def spawn_workers(tmp_path: Path) -> Iterator[Callable[[int], list[Worker]]]:
             w.ok(WORKER_START_TIMEOUT_S)
         return new
 
-    yield spawn
-    for w in workers:
-        w.request_exit()
-    for w in workers:
-        w.stop()
+    try:
+        yield spawn
+    finally:
+        for w in workers:
+            w.request_exit()
+        for w in workers:
+            w.stop()
+
+
+def make_sender() -> WeightSender:
+    config = BroadcastConfig.model_validate(
+        {"store_host": "127.0.0.1", "store_port": 0, "bucket_bytes": BUCKET_BYTES}
+    )
+    return WeightSender(config, "cpu")
+
+
+@pytest.fixture
+def spawn_workers(tmp_path: Path) -> Iterator[Callable[[int], list[Worker]]]:
+    with worker_pool(tmp_path) as spawn:
+        yield spawn
 
 
 @pytest.fixture
 def sender() -> Iterator[WeightSender]:
-    config = BroadcastConfig.model_validate(
-        {"store_host": "127.0.0.1", "store_port": 0, "bucket_bytes": BUCKET_BYTES}
-    )
-    with WeightSender(config, "cpu") as s:
+    with make_sender() as s:
         yield s
 
 
@@ -193,8 +215,9 @@ def expected_digests(weights: dict[str, torch.Tensor]) -> dict[str, list[Any]]:
 def open_epoch(sender: WeightSender, epoch: int, members: list[Worker]) -> None:
     """Members join as ranks 1..n while the learner forms the epoch."""
     world_size = len(members) + 1
+    secret = sender.epoch_secret(epoch)
     for rank, worker in enumerate(members, start=1):
-        worker.join(epoch, rank, world_size, sender.port)
+        worker.join(epoch, rank, world_size, sender.port, secret)
     sender.open_epoch(epoch, world_size, JOIN_TIMEOUT_S)
     for worker in members:
         worker.ok()
@@ -260,7 +283,7 @@ def test_join_fails_within_its_deadline_when_the_store_is_unreachable(
     free_port: Callable[[], int],
 ) -> None:
     with WeightReceiver() as receiver, pytest.raises(BroadcastFailed, match="cannot reach"):
-        receiver.join(1, 1, 2, "127.0.0.1", free_port(), "gloo", timeout_s=1.0)
+        receiver.join(1, 1, 2, "127.0.0.1", free_port(), "gloo", timeout_s=1.0, secret=bytes(32))
 
 
 @pytest.mark.timeout(120)
@@ -268,7 +291,7 @@ def test_a_member_that_never_joins_is_reported_missing_and_the_rest_carry_on(
     sender: WeightSender, spawn_workers: Callable[[int], list[Worker]]
 ) -> None:
     (present,) = spawn_workers(1)
-    present.join(1, 1, 3, sender.port)
+    present.join(1, 1, 3, sender.port, sender.epoch_secret(1))
     join_timeout_s = 2.0
     with pytest.raises(MembersMissing) as missing:
         sender.open_epoch(1, 3, join_timeout_s)

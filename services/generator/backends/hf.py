@@ -216,6 +216,7 @@ class HFBackend:
             backend=join.backend,
             timeout_s=join.timeout_s,
             device=receive_device,
+            secret=join.secret,
         )
         self._receive_device = receive_device
         self._rank = join.rank_offset

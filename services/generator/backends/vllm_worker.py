@@ -171,6 +171,7 @@ class LpregWorkerExtension:
                 backend=join.backend,
                 timeout_s=join.timeout_s,
                 device=device,
+                secret=join.secret,
             )
         except Exception as e:  # reported to the backend, which fails the join
             return {"rank": rank, "error": f"{type(e).__name__}: {e}"}

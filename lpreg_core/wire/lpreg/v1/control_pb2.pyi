@@ -65,7 +65,7 @@ class ControlRequest(_message.Message):
     def __init__(self, generator_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class JoinGroup(_message.Message):
-    __slots__ = ("epoch", "rank_offset", "world_size", "store_host", "store_port", "backend", "timeout_s")
+    __slots__ = ("epoch", "rank_offset", "world_size", "store_host", "store_port", "backend", "timeout_s", "secret")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     RANK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class JoinGroup(_message.Message):
     STORE_PORT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     rank_offset: int
     world_size: int
@@ -80,7 +81,8 @@ class JoinGroup(_message.Message):
     store_port: int
     backend: str
     timeout_s: float
-    def __init__(self, epoch: _Optional[int] = ..., rank_offset: _Optional[int] = ..., world_size: _Optional[int] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., backend: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, epoch: _Optional[int] = ..., rank_offset: _Optional[int] = ..., world_size: _Optional[int] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., backend: _Optional[str] = ..., timeout_s: _Optional[float] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype", "bucket", "offset", "numel")
