@@ -363,6 +363,11 @@ def judge_entries(
         why = f"dead-lettered ({entry['reason']}: {entry['detail']}); {services}"
         if non_finite:
             why += f"; non-finite metrics {non_finite[:3]}"
+        if info.get("task_issued") is False and name != "3_never_issued_task":
+            why += (
+                "; no issued task without a published group was free when it was injected, so "
+                "it carried an unissued task id and only the never-issued check was exercised"
+            )
         out[name] = result(held, why)
     out["2_poison_not_left_pending"] = result(
         pending == 0 and alive_ok,
