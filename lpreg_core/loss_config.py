@@ -38,7 +38,7 @@ ThresholdMode = Literal["minp", "fixed"]
 
 @dataclass(frozen=True)
 class ProxyFilter:
-    """The noise filter of Lp-Reg's proxy (LPREG_SPEC section 1), applied at temperature 1.
+    """The noise filter of Lp-Reg's proxy (docs/algorithm.md section 1), applied at temperature 1.
 
     "minp": keep v iff p_old(v) >= kappa * max_u p_old(u); "fixed": keep v iff p_old(v) >= kappa.
     """

@@ -1,7 +1,7 @@
 """Off-policyness control, in one place: admission of prompt tasks, the staleness of rollout
 groups, and when a generator should stop sampling.
 
-DESIGN.md: at most (max_staleness + 1) * B prompt groups are outstanding at any time (issued,
+docs/design.md, section 4: at most (max_staleness + 1) * B prompt groups are outstanding at any time (issued,
 re-issues included, and not yet trained, dropped or dead-lettered; B = prompt groups per step).
 Admission counts work, not version numbers, so a learner resume that skips versions cannot inflate
 it. Groups whose oldest token was sampled more than max_staleness versions before the policy about

@@ -5,7 +5,7 @@ with Verifiable Reward", arXiv 2510.03222) keeps exploration alive by pulling th
 low-probability, non-noise tokens of negative samples back up towards a *proxy* distribution: the
 old policy with its noise tokens (p < kappa * max p) filtered out and the rest renormalised.
 
-Notation (LPREG_SPEC.md)::
+Notation (docs/algorithm.md)::
 
     z_old, z_cur           raw logits of the behaviour (old) and current policy, shape (..., V)
     T                      sampling temperature

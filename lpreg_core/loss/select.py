@@ -1,4 +1,4 @@
-"""Which tokens Lp-Reg regularises (LPREG_SPEC section 2)."""
+"""Which tokens Lp-Reg regularises (docs/algorithm.md section 2)."""
 
 from __future__ import annotations
 

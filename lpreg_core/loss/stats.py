@@ -1,4 +1,4 @@
-"""Token statistics from full logits: log pi(o_t), entropy and the proxy (LPREG_SPEC section 1).
+"""Token statistics from full logits: log pi(o_t), entropy and the proxy (docs/algorithm.md section 1).
 
 This is the reference path: it takes (..., V) logits, so it holds a vocabulary-sized tensor. The
 learner's path, token_stats_from_hidden (lpreg_core.loss.fused), shares its row arithmetic

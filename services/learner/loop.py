@@ -7,7 +7,7 @@ Redis, gRPC or socket module, so a unit test drives it in milliseconds with the 
 fakes and a fake clock (tests/unit/test_learner_loop.py). ``services.learner.main`` builds the real
 parts and runs it.
 
-Delivery semantics (DESIGN.md): rollout groups are acknowledged only once a checkpoint that
+Delivery semantics (docs/design.md, section 3): rollout groups are acknowledged only once a checkpoint that
 includes their update is durable, so a learner restarted with resume replays exactly the groups
 its checkpoint does not cover; groups are deduplicated by task id. Stale groups are re-issued
 before they are acknowledged, so a crash in between re-drops a group instead of losing it.

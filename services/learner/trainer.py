@@ -3,7 +3,7 @@
 A step runs in two passes over micro-batches:
 1. no-grad: log-probs of the step-start (proximal) policy, the Lp-Reg proxy (built from the same
    detached weights, i.e. the step-start policy), and entropy, for every completion token;
-   the regularised set is then ranked over the whole step (LPREG_SPEC section 5);
+   the regularised set is then ranked over the whole step (docs/algorithm.md section 5);
 2. with grad: the loss of each micro-batch with the step's token count as denominator, so the
    gradient equals that of one big batch.
 Full (tokens x vocab) logits are never materialised: lpreg_core.loss.token_stats_from_hidden

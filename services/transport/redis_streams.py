@@ -1,4 +1,4 @@
-"""Redis Streams delivery of prompt tasks and rollout groups (DESIGN.md, "Redis").
+"""Redis Streams delivery of prompt tasks and rollout groups (docs/design.md, section 3).
 
 Every entry has one field, ``data``: protobuf bytes written by lpreg_core.rollout. Nothing is
 pickled. Delivery semantics are those documented in lpreg_core.transport; the key layout, retries,

@@ -52,12 +52,12 @@ NOT_HERE = {
         "an existing deployment (tests/integration)"
     ),
     ".venv/bin/lpreg learner my-config.yaml --resume": "an existing deployment (tests/e2e)",
-    "docker build -f deploy/Dockerfile -t registry.example.com/ml/lpreg:0.1.0-cu128 "
-    "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 "
-    "--build-arg LPREG_EXTRAS=vllm .": "needs Docker (tests/deploy checks the Dockerfile)",
+    "docker build -f deploy/Dockerfile --target cuda -t registry.example.com/ml/lpreg:0.1.0-cu130 .": (
+        "needs Docker (tests/deploy checks the Dockerfile)"
+    ),
     "helm install qwen3 deploy/helm/lpreg -n lpreg --create-namespace "
     "-f deploy/helm/lpreg/examples/values-gpu.yaml "
-    "--set image.repository=registry.example.com/ml/lpreg --set image.tag=0.1.0-cu128": (
+    "--set image.repository=registry.example.com/ml/lpreg --set image.tag=0.1.0-cu130": (
         "needs a cluster (tests/deploy renders the chart with these values)"
     ),
     "kubectl -n lpreg scale deployment/qwen3-lpreg-generator --replicas=12": "needs a cluster",

