@@ -266,7 +266,11 @@ def test_issued_tasks_are_recorded_with_the_issue_and_retired_with_the_ack(views
     assert learner.num_issued() == 2
     issued = learner.issued_tasks(["a", "never"])
     assert set(issued) == {"a"}
-    assert (issued["a"].data_index, issued["a"].num_samples, issued["a"].max_new_tokens) == (7, 2, 4)
+    assert (issued["a"].data_index, issued["a"].num_samples, issued["a"].max_new_tokens) == (
+        7,
+        2,
+        4,
+    )
     serve(gen, 2)
     got = read_groups(learner, 2)
     assert learner.ack_groups([got[0].entry_id], retire=["a"]) == 1
