@@ -113,6 +113,11 @@ class LearnerLoop:
             s.version = published + 1
         self.transport.set_version(s.version)
         self.metrics.policy_version.set(s.version)
+        # Tasks the checkpoint trained whose retirement was lost with the previous process are
+        # not outstanding work: retire them now, or admission would count them for ever.
+        done = [t for t in self.transport.all_issued() if t in s.trained_tasks]
+        if done:
+            self.transport.ack_groups([], retire=done)
         if self._reissue_lost:
             # The new store starts from the checkpoint's ledger; the lost prompts count like
             # dropped groups (their first issue is in those counters) and go out again.
@@ -276,7 +281,10 @@ class LearnerLoop:
                 g = d.value
                 if g.task_id in self.state.trained_tasks or g.task_id in seen:
                     self.metrics.groups_duplicate.inc()
-                    self.pending_acks.append((d.entry_id, None))
+                    # A replay of a group the checkpoint covers (the learner died between the
+                    # checkpoint and its ack): its task is done, retire it with the ack.
+                    done_task = g.task_id if g.task_id in self.state.trained_tasks else None
+                    self.pending_acks.append((d.entry_id, done_task))
                     continue
                 info = issued.get(g.task_id)
                 problem = self._unexpected(g, info)

@@ -386,3 +386,31 @@ def test_resume_against_an_empty_redis_reissues_what_was_outstanding() -> None:
     reissued = sorted(d.value.data_index for d in fresh.gen.read_tasks(100, block_ms=0))
     assert reissued == outstanding
     assert fresh.loop.summary(1.0)["prompts_unaccounted"] == 0
+
+
+def test_a_crash_between_checkpoint_and_ack_does_not_stall_admission() -> None:
+    """The checkpoint covers a step whose ack (and task retirement) never happened: on resume
+    those tasks are done, not outstanding, and admission issues new work."""
+    config = make_config(max_staleness=0, checkpoint={"every_steps": 1})
+    h = started(config)
+    h.answer(B)
+    original = h.transport.ack_groups
+
+    def die(entry_ids: Any, *, retire: Any = ()) -> int:
+        raise RuntimeError("killed after the checkpoint, before the ack")
+
+    h.transport.ack_groups = die  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="before the ack"):
+        h.loop.step_once()
+    h.transport.ack_groups = original  # type: ignore[method-assign]
+    assert h.transport.num_issued() == B  # the trained step's tasks were never retired
+    r = Harness(config, state=h.state, checkpointer=h.checkpointer)
+    assert r.loop.restore()
+    r.loop.start()
+    assert r.transport.num_issued() == 0
+    r.loop.issue()
+    assert r.transport.num_issued() == B  # the next step's prompts went out
+    r.answer(B)
+    r.loop.step_once()  # the replayed groups are duplicates: acked, never trained again
+    assert r.loop.metrics.groups_duplicate._value.get() == B
+    assert r.loop.summary(1.0)["prompts_unaccounted"] == 0
