@@ -176,6 +176,7 @@ class Member:
                 backend=join.backend,
                 timeout_s=join.timeout_s,
                 device="cpu",
+                secret=join.secret,
             )
         except Exception as e:  # a failed join costs this member the epoch; it is recorded
             error = f"{type(e).__name__}: {e}"

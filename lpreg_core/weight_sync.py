@@ -74,6 +74,11 @@ class BucketSender(Protocol):
         """Where members rendezvous."""
         ...
 
+    def epoch_secret(self, epoch: int) -> bytes:
+        """The rendezvous secret of ``epoch``, drawn fresh for it; members learn it only from the
+        (authenticated) control plane, and nobody without it can claim a rank."""
+        ...
+
     def open_epoch(self, epoch: int, world_size: int, join_timeout_s: float) -> None:
         """Form the group of ``world_size`` ranks, waiting at most ``join_timeout_s`` for them."""
         ...
@@ -99,6 +104,8 @@ class BucketReceiver(Protocol):
         store_port: int,
         backend: str,
         timeout_s: float,
+        *,
+        secret: bytes,
     ) -> None: ...
 
     def receive_buckets(

@@ -27,7 +27,6 @@ from services.weight_sync import (
     BroadcastError,
     BroadcastFailed,
     MembersMissing,
-    epoch_secret_of,
 )
 
 log = logging.getLogger("lpreg.learner.publish")
@@ -104,7 +103,7 @@ class BroadcastPublisher:
                             store_port=self.sender.port,
                             backend=self.backend,
                             timeout_s=timeout_s,
-                            secret=epoch_secret_of(self.sender, self.epoch),
+                            secret=self.sender.epoch_secret(self.epoch),
                         )
                     ),
                 )

@@ -18,7 +18,7 @@ from services.weight_sync.group import (
     resolve_backend,
 )
 from services.weight_sync.receiver import BucketStream, WeightReceiver
-from services.weight_sync.sender import WeightSender, epoch_secret_of
+from services.weight_sync.sender import WeightSender
 
 __all__ = [
     "BroadcastError",
@@ -31,6 +31,5 @@ __all__ = [
     "WeightSender",
     "check_member_backend",
     "check_receive_target",
-    "epoch_secret_of",
     "resolve_backend",
 ]

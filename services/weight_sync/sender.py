@@ -288,10 +288,3 @@ class WeightSender:
 def _flat_device(flats: Sequence[torch.Tensor], default: torch.device) -> torch.device:
     """Device of the buckets (the confirmation tensor must live where the collective runs)."""
     return flats[0].device if flats else default
-
-
-def epoch_secret_of(sender: object, epoch: int) -> bytes:
-    """The secret a ``BucketSender`` drew for ``epoch`` (``WeightSender.epoch_secret``); empty for
-    a sender without an authenticated rendezvous, which no ``WeightReceiver`` joins."""
-    draw = getattr(sender, "epoch_secret", None)
-    return bytes(draw(epoch)) if draw is not None else b""

@@ -269,6 +269,7 @@ def hf() -> Iterator[HFHarness]:
             store_port=sender.port,
             backend="gloo",
             timeout_s=JOIN_TIMEOUT_S,
+            secret=sender.epoch_secret(1),
         )
         joining = pool.submit(backend.join_group, join)
         sender.open_epoch(1, 2, JOIN_TIMEOUT_S)

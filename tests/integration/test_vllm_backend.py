@@ -192,6 +192,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             store_port=sender.port,
             backend="gloo",
             timeout_s=BROADCAST_TIMEOUT_S,
+            secret=sender.epoch_secret(1),
         )
         joining = h.pool.submit(backend.join_group, join)
         # Returns only once ranks 1..world_size-1 have all joined: both workers are members.

@@ -92,6 +92,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
             store_port=sender.port,
             backend="gloo",
             timeout_s=BROADCAST_TIMEOUT_S,
+            secret=sender.epoch_secret(1),
         )
         joining = pool.submit(backend.join_group, join)
         sender.open_epoch(1, world_size, BROADCAST_TIMEOUT_S)

@@ -94,4 +94,6 @@ def test_joining_an_nccl_group_with_a_cpu_target_fails_before_contacting_the_lea
         assert receiver.epoch is None
         # The same join over Gloo does dial the (absent) learner.
         with pytest.raises(BroadcastFailed, match="cannot reach"):
-            receiver.join(1, 1, 2, "127.0.0.1", port, "gloo", timeout_s=0.5, device="cpu")
+            receiver.join(
+                1, 1, 2, "127.0.0.1", port, "gloo", timeout_s=0.5, device="cpu", secret=bytes(32)
+            )

@@ -26,6 +26,9 @@ class FailingSender:
         self.epochs: list[int] = []
         self.sends = 0
 
+    def epoch_secret(self, epoch: int) -> bytes:
+        return bytes([epoch]) * 32
+
     def open_epoch(self, epoch: int, world_size: int, join_timeout_s: float) -> None:
         self.epochs.append(epoch)
 
