@@ -4,7 +4,8 @@ one JSON object with, per attack, whether the deployment ``held`` and why.
     python benchmarks/redteam.py [--chaos-steps 100] [--chaos-kills 10] [--out redteam.json]
 
 Attacks (numbered as in the hostile-input review):
-  1  rendezvous: a process without credentials dials the learner's TCPStore and writes keys.
+  1  rendezvous: a process without credentials dials the learner's TCPStore, forges rank
+     claims and aborted keys for coming epochs, and reads what the live epoch stores.
   2  poison entries: a group with token versions 2**63; a prompt task at temperature 1e-7; a
      48 KB group of 2 x 4,000 tokens; Register with num_workers 2**32 - 1 and 1e6.
   3  forged groups: reward 3e38, 2,000 completions, log-prob -1e30, a never-issued task id,
@@ -217,29 +218,56 @@ VOCAB_SIZE = _vocab_size()
 
 
 def attack_rendezvous(d: Deployment) -> dict[str, Any]:
-    """Dial the learner's TCPStore with no credentials and write, then read back, a key under
-    the next group epoch's prefix (where a member would claim its rank)."""
+    """Dial the learner's TCPStore with no credentials, as the reproduced attack did: claim ranks
+    and announce joins for this and the next epochs, write ``aborted`` for the next 50 epochs,
+    and read what the live epoch stores. The store is a plain socket, so the writes land; the
+    rendezvous holds when none of it lets the outsider read the group's values, and training
+    (new epochs included) goes on as if it had not happened."""
     import torch.distributed as dist
 
-    port = d.cluster.store_port
     try:
         store = dist.TCPStore(
-            "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5),
+            "127.0.0.1", d.cluster.store_port, is_master=False, timeout=timedelta(seconds=5),
             wait_for_workers=False,
         )  # fmt: skip
-    except Exception as e:  # refused: what an authenticated rendezvous should do
-        return result(True, f"connection refused without credentials: {type(e).__name__}: {e}")
-    try:
-        key = "epoch/999999/redteam-claim"
-        store.set(key, b"rank-0")
-        value = store.get(key)
-        store.delete_key(key)
     except Exception as e:
-        return result(True, f"store refused an unauthenticated write: {type(e).__name__}: {e}")
+        return result(True, f"connection refused without credentials: {type(e).__name__}: {e}")
+    readable: list[str] = []
+    for key in store.list_keys() if hasattr(store, "list_keys") else []:
+        try:
+            value = store.get(key)
+        except Exception:  # noqa: S112 - a key gone between list and get
+            continue
+        if value.startswith(b"{") or value.isdigit():  # a plain value the outsider could use
+            readable.append(key)
+    for epoch in range(1, 51):
+        for prefix in (f"epoch/{epoch}", f"epoch/{epoch}/pg"):
+            store.set(f"{prefix}/aborted", b"redteam: stop training")
+            store.set(f"{prefix}/joined/1", b"1")
+            store.set(f"{prefix}/members", b"2")
+    rows = read_metrics(d.cluster.run_dir)
+    before = max((int(r["step"]) for r in rows), default=0)
+    # Force new epochs while the forged keys sit in the store: restart a generator.
+    restart_generator(d.cluster, "gen-0")
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    after = before
+    while time.monotonic() < deadline and after < before + 3:
+        time.sleep(1.0)
+        rows = read_metrics(d.cluster.run_dir)
+        after = max((int(r["step"]) for r in rows), default=before)
+    published = [r for r in rows if int(r["step"]) > before]
+    ok = bool(published) and all(r.get("publish_ok", False) for r in published[-2:])
+    if readable or after < before + 3 or not ok:
+        return result(
+            False,
+            f"steps {before} -> {after} after the forged keys; plain values readable: "
+            f"{readable[:5]}; recent publishes ok: {ok}",
+        )
     return result(
-        False,
-        "a client without the per-epoch secret connected to the TCPStore and wrote and read back "
-        f"a key under an epoch prefix ({value!r}): the rendezvous is not authenticated",
+        True,
+        f"forged joins, members and aborted keys for 50 epochs changed nothing: steps {before} -> "
+        f"{after} across a generator restart (new epochs), publishes ok; no value of the live "
+        "epoch was readable without the secret (sealed)",
     )
 
 
