@@ -631,10 +631,11 @@ PRIORITY = (
     ("lpreg_beta4", 0),
     ("entropy_bonus", 0),
     *((arm, s) for s in (2, 3, 4) for arm in ("grpo", "lpreg")),
+    ("lpreg_offpolicy", 0),
+    ("lpreg_async", 0),
     *((arm, s) for s in (1, 2) for arm in ("lpreg_beta4", "entropy_bonus")),
-    *(("lpreg_async", s) for s in (0, 1, 2)),
+    *((arm, s) for s in (1, 2) for arm in ("lpreg_offpolicy", "lpreg_async")),
     *(("lpreg_beta0", s) for s in (0, 1, 2)),
-    *(("lpreg_offpolicy", s) for s in (0, 1, 2)),
 )
 
 
