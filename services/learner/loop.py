@@ -301,6 +301,9 @@ class LearnerLoop:
                         reissue.append(info.data_index)
                         retire.append(g.task_id)
                         dead += 1
+                        # The task is resolved: another group for it in this read is not
+                        # what was asked for either.
+                        issued.pop(g.task_id)
                     continue
                 assert info is not None
                 oldest, _ = group_policy_versions(g)
@@ -308,6 +311,7 @@ class LearnerLoop:
                     reissue.append(info.data_index)
                     done.append(d.entry_id)
                     retire.append(g.task_id)
+                    issued.pop(g.task_id)
                     self._count_tokens("wasted", g)
                     continue
                 self.metrics.rollout_staleness.observe(staleness(self.state.version, oldest))

@@ -414,3 +414,35 @@ def test_a_crash_between_checkpoint_and_ack_does_not_stall_admission() -> None:
     r.loop.step_once()  # the replayed groups are duplicates: acked, never trained again
     assert r.loop.metrics.groups_duplicate._value.get() == B
     assert r.loop.summary(1.0)["prompts_unaccounted"] == 0
+
+
+def test_a_forged_group_read_beside_the_real_one_resolves_its_task_once() -> None:
+    """A forged group for an issued task is dead-lettered and the prompt re-issued; the genuine
+    group for the same task, read in the same batch, is then no longer what was asked for."""
+    h = started(make_config(max_staleness=1))
+    (d,) = h.gen.read_tasks(1, block_ms=0)
+    forged = rollout_pb2.RolloutGroup(
+        schema_version=SCHEMA_VERSION,
+        run_id=RUN,
+        rollout_id="forged",
+        task_id=d.value.task_id,
+        prompt_id="p",
+        generator_id="forger",
+        data_index=d.value.data_index,
+        prompt_token_ids=[1],
+        vocab_size=VOCAB,
+        completions=[
+            rollout_pb2.Completion(token_ids=[4], logprobs=[-1.0], versions=[99])
+            for _ in range(d.value.num_samples)
+        ],
+    )
+    h.transport.add_raw_entry("rollouts", forged.SerializeToString())
+    h.gen.release_tasks([d.entry_id])
+    h.clock.now += 100  # the task goes idle and back to the pool: answer everything
+    h.answer(3 * B)
+    h.loop.step_once()
+    h.loop.checkpoint()
+    summary = h.loop.summary(1.0)
+    assert summary["groups_dead_lettered"] == 1
+    assert summary["prompts_unaccounted"] == 0
+    assert h.transport.dlq_length() == 2  # the forged group, then the late genuine one
