@@ -15,7 +15,8 @@ echo "== generated protobuf code"
 
 echo "== pytest"
 set +e
-"$VENV/bin/python" -m pytest "$@"
+# The slowest tests are listed at the end, so a suite that grows slow shows where.
+"$VENV/bin/python" -m pytest --durations=25 "$@"
 code=$?
 set -e
 if [ "$code" = 5 ]; then
