@@ -23,7 +23,7 @@ from lpreg_core.transport import Delivery, GeneratorTransport
 from lpreg_core.weights import manifest_from_proto
 from lpreg_core.wire.lpreg.v1 import control_pb2, rollout_pb2
 from services.common.errors import ControlError
-from services.generator.backends import GeneratorBackend, SampleRequest
+from services.generator.backends import GeneratorBackend, SampleRequest, WeightsUnusable
 from services.generator.metrics import GeneratorMetrics
 
 log = logging.getLogger("lpreg.generator")
@@ -215,7 +215,17 @@ class GeneratorLoop:
             self.in_flight = len(batch)
             self.metrics.tasks_in_flight.set(self.in_flight)
             start = time.monotonic()
-            results = self.backend.generate(requests)
+            try:
+                results = self.backend.generate(requests)
+            except WeightsUnusable as e:
+                # A publish died half way (a member or the learner vanished mid-broadcast): give
+                # the tasks back and sample again once a complete publish has loaded.
+                log.warning("not sampling until the next complete publish: %s", e)
+                self.weights_current.clear()
+                self.streams.release_tasks([d.entry_id for d in deliveries])
+                self.in_flight = 0
+                self.metrics.tasks_in_flight.set(0)
+                return
             gen_s = time.monotonic() - start
             for d, p, completions in zip(batch, prompts, results, strict=True):
                 group = self._build_group(d, p, completions, gen_s)

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from lpreg_core.config import RunConfig
 from lpreg_core.weights import WeightManifest, build_manifest, manifest_to_proto
 from lpreg_core.wire.lpreg.v1 import control_pb2, rollout_pb2
-from services.generator.backends import SampledCompletion, SampleRequest
+from services.generator.backends import SampledCompletion, SampleRequest, WeightsUnusable
 from services.generator.loop import GeneratorLoop
 from services.generator.metrics import GeneratorMetrics
 from services.transport import InMemoryStreams
@@ -165,3 +165,18 @@ def test_control_events_load_weights_report_and_shut_down() -> None:
     assert loop.control.reports == [(3, True)]  # type: ignore[attr-defined]
     assert loop.weights_current.is_set()
     assert loop.stop.is_set()
+
+
+def test_a_half_loaded_model_samples_nothing_and_gives_its_tasks_back() -> None:
+    loop, learner = make_loop()
+
+    def unusable(requests: list[SampleRequest]) -> list[list[SampledCompletion]]:
+        raise WeightsUnusable("loading v3 stopped after 2 tensors")
+
+    loop.backend.generate = unusable  # type: ignore[method-assign]
+    loop.weights_current.set()
+    learner.issue_tasks([task("a")])
+    loop._sample_once()  # no exception: the generator lives on
+    assert not loop.weights_current.is_set()
+    assert learner.read_groups(10, 1, vocab_size=10) == []
+    assert learner.pending_counts()["prompts"] == 1  # released: reclaimed once idle

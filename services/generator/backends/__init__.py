@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from lpreg_core.config import BackendConfig, ModelConfig
-from services.generator.backends.base import GeneratorBackend, SampledCompletion, SampleRequest
+from services.generator.backends.base import (
+    GeneratorBackend,
+    SampledCompletion,
+    SampleRequest,
+    WeightsUnusable,
+)
 
-__all__ = ["GeneratorBackend", "SampleRequest", "SampledCompletion", "make_backend"]
+__all__ = [
+    "GeneratorBackend",
+    "SampleRequest",
+    "SampledCompletion",
+    "WeightsUnusable",
+    "make_backend",
+]
 
 
 def make_backend(

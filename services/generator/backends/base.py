@@ -11,6 +11,10 @@ from lpreg_core.weights import WeightManifest
 from lpreg_core.wire.lpreg.v1.control_pb2 import JoinGroup
 
 
+class WeightsUnusable(RuntimeError):
+    """A weight load stopped half way: the backend samples nothing until a complete publish."""
+
+
 @dataclass(frozen=True)
 class SampleRequest:
     """Sample `num_samples` completions of one tokenized prompt."""

@@ -17,7 +17,7 @@ from lpreg_core.config import HFBackendConfig, ModelConfig
 from lpreg_core.devices import resolve_device, serving_dtype
 from lpreg_core.weights import WeightManifest
 from lpreg_core.wire.lpreg.v1.control_pb2 import JoinGroup
-from services.generator.backends.base import SampledCompletion, SampleRequest
+from services.generator.backends.base import SampledCompletion, SampleRequest, WeightsUnusable
 from services.weight_sync import WeightReceiver
 
 
@@ -87,7 +87,7 @@ class HFBackend:
     @torch.no_grad()
     def generate(self, requests: list[SampleRequest]) -> list[list[SampledCompletion]]:
         if self._poisoned is not None:
-            raise RuntimeError(f"the model's weights are unusable: {self._poisoned}")
+            raise WeightsUnusable(f"the model's weights are unusable: {self._poisoned}")
         if not requests:
             return []
         temperature = requests[0].temperature

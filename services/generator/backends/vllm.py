@@ -37,7 +37,7 @@ from lpreg_core.config import ModelConfig, VLLMBackendConfig
 from lpreg_core.devices import serving_dtype
 from lpreg_core.weights import WeightManifest, manifest_to_proto
 from lpreg_core.wire.lpreg.v1.control_pb2 import JoinGroup
-from services.generator.backends.base import SampledCompletion, SampleRequest
+from services.generator.backends.base import SampledCompletion, SampleRequest, WeightsUnusable
 from services.generator.backends.vllm_worker import checkpoint_tensor_shapes
 from services.weight_sync import BroadcastFailed
 
@@ -188,7 +188,7 @@ class VLLMBackend:
         if self._closed:
             raise RuntimeError("the vLLM backend is closed")
         if self._poisoned is not None:
-            raise RuntimeError(f"the vLLM engine's weights are unusable: {self._poisoned}")
+            raise WeightsUnusable(f"the vLLM engine's weights are unusable: {self._poisoned}")
         if not requests:
             return []
         return self._call(self._generate_all(requests))
