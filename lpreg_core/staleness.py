@@ -12,12 +12,35 @@ resumes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
 def staleness(current_version: int, oldest_token_version: int) -> int:
     """Versions between the oldest token of a group and the policy about to be updated."""
     return max(0, current_version - oldest_token_version)
+
+
+def lineage_distance(current: int, sampled: int, aliases: Sequence[tuple[int, int]]) -> int:
+    """Policy versions between the weights that sampled a token (``sampled``) and the current
+    ones, along the current weights' lineage.
+
+    A learner that resumes from a checkpoint gives the restored weights a fresh version number
+    (the lost process may have published later ones): ``aliases`` holds ``(new, base)`` pairs,
+    sorted by ``new``, meaning "version ``new`` is the weights of version ``base``". Tokens of an
+    ancestor are ``current - sampled`` steps behind, counted without the jumps; tokens of a branch
+    lost with a crashed learner are as far as the branch point plus their own steps past it.
+    Without aliases this is ``max(0, current - sampled)``.
+    """
+    distance = 0
+    for new, base in reversed(aliases):
+        if sampled >= new or new > current:
+            break
+        distance += current - new  # steps since the weights were restored
+        current = base
+        if sampled > base:  # sampled on the branch the crash lost
+            return distance + (sampled - base)
+    return distance + max(0, current - sampled)
 
 
 @dataclass(frozen=True)
@@ -42,6 +65,10 @@ class StalenessPolicy:
     def num_to_issue(self, outstanding: int) -> int:
         """How many new prompts to issue when ``outstanding`` groups are still in flight."""
         return max(0, self.max_outstanding - outstanding)
+
+    def too_far(self, distance: int) -> bool:
+        """True when tokens ``distance`` versions behind (``lineage_distance``) are too old."""
+        return distance > self.max_staleness
 
     def is_stale(self, current_version: int, oldest_token_version: int) -> bool:
         """True when a group sampled from ``oldest_token_version`` on is too old to train at

@@ -24,7 +24,7 @@ from typing import Any
 from lpreg_core.config import RunConfig
 from lpreg_core.data import PromptSource
 from lpreg_core.rollout import SCHEMA_VERSION, group_policy_versions
-from lpreg_core.staleness import StalenessPolicy, staleness
+from lpreg_core.staleness import StalenessPolicy, lineage_distance
 from lpreg_core.transport import IssuedTask, LearnerTransport
 from lpreg_core.weight_sync import WeightPublisher
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
@@ -110,6 +110,7 @@ class LearnerLoop:
             log.info(
                 "restored weights become v%d (v%d was published before)", published + 1, published
             )
+            s.aliases.append((published + 1, s.version))
             s.version = published + 1
         self.transport.set_version(s.version)
         self.metrics.policy_version.set(s.version)
@@ -306,15 +307,15 @@ class LearnerLoop:
                         issued.pop(g.task_id)
                     continue
                 assert info is not None
-                oldest, _ = group_policy_versions(g)
-                if self.policy.is_stale(self.state.version, oldest):
+                age = self._age(g)
+                if self.policy.too_far(age):
                     reissue.append(info.data_index)
                     done.append(d.entry_id)
                     retire.append(g.task_id)
                     issued.pop(g.task_id)
                     self._count_tokens("wasted", g)
                     continue
-                self.metrics.rollout_staleness.observe(staleness(self.state.version, oldest))
+                self.metrics.rollout_staleness.observe(age)
                 seen.add(g.task_id)
                 groups.append(g)
                 # Acked (and its task retired) with the first checkpoint after it is trained;
@@ -325,6 +326,16 @@ class LearnerLoop:
             if done:
                 self.transport.ack_groups(done, retire=retire)
         return groups
+
+    def _age(self, g: rollout_pb2.RolloutGroup) -> int:
+        """How many policy versions behind the current weights the group's farthest tokens
+        are, along the weights' lineage (a resume renumbers versions without moving them)."""
+        oldest, newest = group_policy_versions(g)
+        s = self.state
+        return max(
+            lineage_distance(s.version, oldest, s.aliases),
+            lineage_distance(s.version, newest, s.aliases),
+        )
 
     def _count_tokens(self, kind: str, g: rollout_pb2.RolloutGroup) -> None:
         """Generated tokens by fate: "trained" or "wasted" (sampled, never trained)."""

@@ -74,6 +74,9 @@ class LoopState:
     # Data positions of the prompts outstanding when the checkpoint was written: re-issued if the
     # transport comes back without the run's state (a fresh Redis).
     outstanding_indices: list[int] = field(default_factory=list)
+    # (new, base): version ``new`` names the weights of version ``base`` (a resume renumbered
+    # them); staleness is measured along this lineage (lpreg_core.staleness.lineage_distance).
+    aliases: list[tuple[int, int]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -85,6 +88,7 @@ class LoopState:
             "history": self.history,
             "extra": self.extra,
             "outstanding_indices": self.outstanding_indices,
+            "aliases": [list(a) for a in self.aliases],
         }
 
     @classmethod
@@ -99,6 +103,7 @@ class LoopState:
             history=list(raw["history"]),
             extra=dict(raw.get("extra", {})),
             outstanding_indices=list(raw.get("outstanding_indices", [])),
+            aliases=[(int(a), int(b)) for a, b in raw.get("aliases", [])],
         )
 
 

@@ -44,3 +44,28 @@ def test_policy_rejects_nonsense() -> None:
         StalenessPolicy(prompts_per_step=0, max_staleness=0)
     with pytest.raises(ValueError, match="max_staleness"):
         StalenessPolicy(prompts_per_step=1, max_staleness=-1)
+
+
+def test_lineage_distance_counts_steps_along_the_restored_weights() -> None:
+    from lpreg_core.staleness import lineage_distance
+
+    assert lineage_distance(7, 4, []) == 3
+    assert lineage_distance(4, 7, []) == 0
+    # A learner checkpointed at v10 dies after publishing v12; the restored weights are v13.
+    aliases = [(13, 10)]
+    assert lineage_distance(13, 10, aliases) == 0  # sampled by the very weights restored
+    assert lineage_distance(13, 9, aliases) == 1
+    assert lineage_distance(13, 12, aliases) == 2  # two steps down the lost branch
+    assert lineage_distance(15, 10, aliases) == 2  # two steps trained since the resume
+    assert lineage_distance(15, 12, aliases) == 4
+    assert lineage_distance(15, 14, aliases) == 1  # after the resume: plain counting
+    # A second resume from the same checkpoint, before any new one was written.
+    twice = [(13, 10), (17, 10)]
+    assert lineage_distance(17, 10, twice) == 0
+    assert lineage_distance(17, 14, twice) == 4  # on the branch lost the second time
+
+
+def test_policy_judges_distances() -> None:
+    p = StalenessPolicy(prompts_per_step=1, max_staleness=1)
+    assert not p.too_far(1)
+    assert p.too_far(2)
