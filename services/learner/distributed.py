@@ -57,13 +57,12 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from lpreg_core.config import LearnerConfig, RunConfig
-from lpreg_core.loss import policy_loss, select_regularized
+from lpreg_core.loss import policy_loss
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
 from services.learner.checkpoint import ShardedCheckpointer
 from services.learner.trainer import (
     StepBatch,
     Trainer,
-    _behaviour_weights,
     _importance_stats,
     _split,
     build_batch,
@@ -265,28 +264,7 @@ class DistributedTrainer(Trainer):
         full = self._gather_rows(torch.stack(local, dim=1), step_plan[:], num)
         proximal, entropy = full[:, 0], full[:, 1]
         proxy = full[:, 2] if first[2] is not None else None
-        weights, mask = _behaviour_weights(
-            proximal,
-            batch.behaviour_log_probs,
-            batch.mask,
-            self.config.off_policy_type,
-            self.config.off_policy.cap,
-        )
-        reg_mask = None
-        totals: dict[str, float] = {}
-        lp = self.loss_config
-        ranking = lp.step_ranking
-        if ranking is not None:
-            assert proxy is not None, "a loss that ranks candidates declares a proxy filter"
-            candidates, reg_mask = select_regularized(
-                proximal,
-                proxy,
-                batch.advantages,
-                mask,
-                rho_neg=ranking.rho_neg,
-                rho_pos=ranking.rho_pos,
-            )
-            totals["num_candidates"] = float(candidates.sum())
+        weights, mask, reg_mask, totals = self._select(batch, proximal, proxy)
         updates = 0
         loss_total = 0.0
         grad_norms: list[float] = []

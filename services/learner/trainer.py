@@ -306,6 +306,34 @@ class Trainer:
         self.scheduler.step()
         return totals
 
+    def _select(
+        self, batch: StepBatch, proximal: Tensor, proxy: Tensor | None
+    ) -> tuple[Tensor | None, Tensor, Tensor | None, dict[str, float]]:
+        """From the step-start statistics of the whole step: the off-policy importance weights
+        and mask, and Lp-Reg's regularised set ranked over the whole step."""
+        weights, mask = _behaviour_weights(
+            proximal,
+            batch.behaviour_log_probs,
+            batch.mask,
+            self.config.off_policy_type,
+            self.config.off_policy.cap,
+        )
+        reg_mask = None
+        totals: dict[str, float] = {}
+        ranking = self.loss_config.step_ranking
+        if ranking is not None:
+            assert proxy is not None, "a loss that ranks candidates declares a proxy filter"
+            candidates, reg_mask = select_regularized(
+                proximal,
+                proxy,
+                batch.advantages,
+                mask,
+                rho_neg=ranking.rho_neg,
+                rho_pos=ranking.rho_pos,
+            )
+            totals["num_candidates"] = float(candidates.sum())
+        return weights, mask, reg_mask, totals
+
     def step(self, batch: StepBatch) -> dict[str, float]:
         batch = batch.to(self.device)
         # No dropout in the policy: both passes must see the same function of the weights.
@@ -322,28 +350,7 @@ class Trainer:
         entropy = torch.cat([p[1] for p in parts])
         proxies = [p[2] for p in parts if p[2] is not None]
         proxy = torch.cat(proxies) if proxies else None
-        weights, mask = _behaviour_weights(
-            proximal,
-            batch.behaviour_log_probs,
-            batch.mask,
-            self.config.off_policy_type,
-            self.config.off_policy.cap,
-        )
-        reg_mask = None
-        totals: dict[str, float] = {}
-        lp = self.loss_config
-        ranking = lp.step_ranking
-        if ranking is not None:
-            assert proxy is not None, "a loss that ranks candidates declares a proxy filter"
-            candidates, reg_mask = select_regularized(
-                proximal,
-                proxy,
-                batch.advantages,
-                mask,
-                rho_neg=ranking.rho_neg,
-                rho_pos=ranking.rho_pos,
-            )
-            totals["num_candidates"] = float(candidates.sum())
+        weights, mask, reg_mask, totals = self._select(batch, proximal, proxy)
         updates = 0
         loss_total = 0.0
         grad_norms: list[float] = []
