@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from lpreg_core.config import JsonlTaskConfig, ModelConfig, RunConfig
@@ -148,6 +155,7 @@ def run_eval(config: RunConfig, args: argparse.Namespace) -> int:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TimeRemainingColumn(),
         )
         with Progress(*columns, console=err, disable=args.no_progress) as progress:
             report = evaluate_model_dir(
