@@ -63,8 +63,8 @@ from services.learner.checkpoint import ShardedCheckpointer
 from services.learner.trainer import (
     StepBatch,
     Trainer,
-    _importance_stats,
     _split,
+    _step_record,
     build_batch,
 )
 
@@ -265,38 +265,15 @@ class DistributedTrainer(Trainer):
         proximal, entropy = full[:, 0], full[:, 1]
         proxy = full[:, 2] if first[2] is not None else None
         weights, mask, reg_mask, totals = self._select(batch, proximal, proxy)
-        updates = 0
-        loss_total = 0.0
-        grad_norms: list[float] = []
         lr = float(self.scheduler.get_last_lr()[0])
-        update_totals: dict[str, float] = {}
-        for _epoch in range(self.config.update_epochs):
-            for mini, part in zip(minis, plan, strict=True):
-                metrics = self._sharded_update(
-                    batch, mini, part, filler, proximal, proxy, mask, reg_mask, weights
-                )
-                updates += 1
-                loss_total += metrics.pop("loss")
-                grad_norms.append(metrics.pop("grad_norm"))
-                for k, v in metrics.items():
-                    update_totals[k] = update_totals.get(k, 0.0) + v
-        totals.update({k: v / updates for k, v in update_totals.items()})
-        totals.update(_importance_stats(weights, batch.mask, mask))
-        valid = batch.mask.bool()
-        gap = (proximal - batch.behaviour_log_probs)[valid]
-        return {
-            **totals,
-            "loss": loss_total / updates,
-            "grad_norm": max(grad_norms),
-            "lr": lr,
-            "num_updates": float(updates),
-            "entropy": float(entropy[valid].mean()),
-            "reward_mean": float(batch.rewards.mean()),
-            "num_tokens": float(batch.mask.sum()),
-            "num_sequences": float(num),
-            "completion_len_mean": float(batch.mask.sum(1).mean()),
-            "logprob_gap_max": float(gap.abs().max()) if gap.numel() else 0.0,
-        }
+        updates = [
+            self._sharded_update(
+                batch, mini, part, filler, proximal, proxy, mask, reg_mask, weights
+            )
+            for _epoch in range(self.config.update_epochs)
+            for mini, part in zip(minis, plan, strict=True)
+        ]
+        return _step_record(batch, proximal, entropy, mask, weights, totals, updates, lr)
 
     def _sharded_update(
         self,

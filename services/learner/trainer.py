@@ -131,6 +131,41 @@ def _importance_stats(weights: Tensor | None, valid: Tensor, kept: Tensor) -> di
     }
 
 
+def _step_record(
+    batch: StepBatch,
+    proximal: Tensor,
+    entropy: Tensor,
+    mask: Tensor,
+    weights: Tensor | None,
+    totals: dict[str, float],
+    updates: list[dict[str, float]],
+    lr: float,
+) -> dict[str, float]:
+    """A step's figures from its updates' metrics: per-update figures averaged over the updates
+    (one update: exactly its own), plus the step-wide statistics."""
+    n = len(updates)
+    out = dict(totals)
+    for k in {k for u in updates for k in u} - {"loss", "grad_norm"}:
+        out[k] = sum(u.get(k, 0.0) for u in updates) / n
+    out.update(_importance_stats(weights, batch.mask, mask))
+    valid = batch.mask.bool()
+    gap = (proximal - batch.behaviour_log_probs)[valid]
+    return {
+        **out,
+        "loss": sum(u["loss"] for u in updates) / n,
+        "grad_norm": max(u["grad_norm"] for u in updates),
+        "lr": lr,
+        "num_updates": float(n),
+        "entropy": float(entropy[valid].mean()),
+        "reward_mean": float(batch.rewards.mean()),
+        "num_tokens": float(batch.mask.sum()),
+        "num_sequences": float(len(batch.sequences)),
+        "completion_len_mean": float(batch.mask.sum(1).mean()),
+        # Train/inference mismatch of the behaviour log-probs vs the learner's recompute.
+        "logprob_gap_max": float(gap.abs().max()) if gap.numel() else 0.0,
+    }
+
+
 def _split(num: int, parts: int) -> list[slice]:
     """``parts`` contiguous, nearly equal slices of ``range(num)`` (mini-batches of a step)."""
     bounds = [round(i * num / parts) for i in range(parts + 1)]
@@ -351,35 +386,10 @@ class Trainer:
         proxies = [p[2] for p in parts if p[2] is not None]
         proxy = torch.cat(proxies) if proxies else None
         weights, mask, reg_mask, totals = self._select(batch, proximal, proxy)
-        updates = 0
-        loss_total = 0.0
-        grad_norms: list[float] = []
         lr = float(self.scheduler.get_last_lr()[0])
-        update_totals: dict[str, float] = {}
-        for _epoch in range(self.config.update_epochs):
-            for mini in _split(num, self.config.num_mini_batches):
-                metrics = self._update(batch, mini, proximal, proxy, mask, reg_mask, weights)
-                updates += 1
-                loss_total += metrics.pop("loss")
-                grad_norms.append(metrics.pop("grad_norm"))
-                for k, v in metrics.items():
-                    update_totals[k] = update_totals.get(k, 0.0) + v
-        # Per-update figures are averaged over the step's updates (one update: exactly its own).
-        totals.update({k: v / updates for k, v in update_totals.items()})
-        totals.update(_importance_stats(weights, batch.mask, mask))
-        valid = batch.mask.bool()
-        gap = (proximal - batch.behaviour_log_probs)[valid]
-        return {
-            **totals,
-            "loss": loss_total / updates,
-            "grad_norm": max(grad_norms),
-            "lr": lr,
-            "num_updates": float(updates),
-            "entropy": float(entropy[valid].mean()),
-            "reward_mean": float(batch.rewards.mean()),
-            "num_tokens": float(batch.mask.sum()),
-            "num_sequences": float(num),
-            "completion_len_mean": float(batch.mask.sum(1).mean()),
-            # Train/inference mismatch of the behaviour log-probs vs the learner's recompute.
-            "logprob_gap_max": float(gap.abs().max()) if gap.numel() else 0.0,
-        }
+        updates = [
+            self._update(batch, mini, proximal, proxy, mask, reg_mask, weights)
+            for _epoch in range(self.config.update_epochs)
+            for mini in _split(num, self.config.num_mini_batches)
+        ]
+        return _step_record(batch, proximal, entropy, mask, weights, totals, updates, lr)
