@@ -1,6 +1,7 @@
 """The learner on a GPU, checked in one run: correctness, speed and a short training run.
 
-Three parts, each recorded even when another fails (a part that cannot run says why):
+Five parts, each recorded even when another fails (a part that cannot run says why); the JSON is
+rewritten after each part, so a run stopped by a timeout keeps what it finished:
 
   correctness  one learner step on the tiny model (examples/tiny/model) on --device with fp32
                master weights and compute in learner.compute_dtype (auto: bfloat16 on CUDA),
@@ -14,6 +15,11 @@ Three parts, each recorded even when another fails (a part that cannot run says 
                peak dense bf16 FLOP/s, and the ratio of the step time to a bare forward+backward
                of the same model on the same tokens (transformers' own cross-entropy over full
                logits, same micro-batches, no optimiser) timed in the same run.
+  fsdp2        benchmarks/gpu_fsdp_step.py under `torchrun --nproc-per-node 1` (NCCL on CUDA): the
+               FSDP2 sharded trainer's step against the plain trainer's, its sharded checkpoint
+               written and restored bit for bit, and its speed on the Qwen2.5-1.5B shape.
+  kernel       benchmarks/bench_lpreg_loss.py --device cuda: the fused Lp-Reg statistics
+               (Triton) against full logits and Liger-Kernel's fused linear cross-entropy.
   end_to_end   `lpreg local examples/tiny/config.yaml` with the learner and the hf generators on
                --device (learner.steps=50 by default): every generator must load the final
                version (summary.json's generator_weight_versions).
@@ -510,6 +516,63 @@ def end_to_end(
     return result
 
 
+# --- FSDP2 and the fused-loss kernels (subprocesses) -----------------------------------------
+
+
+def subprocess_json(argv: list[str], out: Path, timeout_s: float) -> dict[str, Any]:
+    """Run ``argv`` (which writes one JSON object to ``out``) and return that object; a run that
+    fails or writes nothing is a failed part with the end of its output."""
+    proc = subprocess.run(
+        argv,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    if proc.returncode != 0 or not out.exists():
+        return {
+            "ok": False,
+            "returncode": proc.returncode,
+            "why": "the run failed or wrote no JSON",
+            "output_tail": (proc.stdout + proc.stderr)[-3000:],
+        }
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def fsdp2(device: torch.device, quick: bool, compute: str, repeats: int) -> dict[str, Any]:
+    """benchmarks/gpu_fsdp_step.py under ``torchrun --nproc-per-node 1``: the sharded trainer's
+    step against the plain one, its sharded checkpoint round trip, and its speed."""
+    work = Path(tempfile.mkdtemp(prefix="lpreg-gpu-fsdp-"))
+    out = work / "fsdp.json"
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+        str(REPO_ROOT / "benchmarks" / "gpu_fsdp_step.py"), "--device", device.type,
+        "--compute-dtype", compute, "--repeats", str(repeats), "--ckpt-dir", str(work / "ckpt"),
+        "--out", str(out),
+    ] + (["--quick"] if quick else [])  # fmt: skip
+    result = subprocess_json(argv, out, timeout_s=300)
+    if "step" in result:
+        result["ok"] = bool(
+            result["step"].get("ok")
+            and result.get("checkpoint", {}).get("ok")
+            and result.get("speed", {}).get("ok") is not False
+        )
+    return result
+
+
+def kernel(device: torch.device, quick: bool) -> dict[str, Any]:
+    """benchmarks/bench_lpreg_loss.py in process on ``device``: naive full logits, the project's
+    Triton path and Liger-Kernel's fused linear cross-entropy on the same inputs."""
+    out = Path(tempfile.mkdtemp(prefix="lpreg-gpu-kernel-")) / "loss.json"
+    argv = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_lpreg_loss.py")]
+    argv += ["--smoke"] if device.type != "cuda" or quick else ["--device", "cuda"]
+    result = subprocess_json([*argv, "--json-out", str(out)], out, timeout_s=300)
+    result.setdefault("ok", "returncode" not in result)
+    return result
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -538,7 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-timeout-s", type=float, default=300.0)
     p.add_argument("--e2e-dir", type=Path, default=None, help="run directory (default: a new temp)")
     p.add_argument(
-        "--skip", action="append", default=[], choices=["correctness", "speed", "end_to_end"]
+        "--skip",
+        action="append",
+        default=[],
+        choices=["correctness", "fsdp2", "speed", "kernel", "end_to_end"],
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -554,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"quick": args.quick, "environment": environment(device)}
     parts: dict[str, Callable[[], dict[str, Any]]] = {
         "correctness": lambda: correctness(device, args.quick, args.compute_dtype),
+        "fsdp2": lambda: fsdp2(device, args.quick, args.compute_dtype, args.repeats),
         "speed": lambda: speed_with_fallback(
             device, args.quick, args.repeats, args.micro_batch, args.compute_dtype
         ),
@@ -564,13 +631,20 @@ def main(argv: list[str] | None = None) -> int:
             args.e2e_timeout_s,
             args.e2e_dir,
         ),
+        "kernel": lambda: kernel(device, args.quick),
     }
-    for name, fn in parts.items():
-        report[name] = (
-            {"ok": None, "why": "skipped on request (--skip)"}
-            if name in args.skip
-            else run_part(name, fn)
-        )
+    outs = [args.out]
+    if os.environ.get("OUT"):
+        outs.append(Path(os.environ["OUT"]) / "gpu-check.json")
+
+    def write() -> None:
+        # After every part: a run stopped by a timeout still leaves the parts it finished.
+        report["wall_s"] = time.perf_counter() - start
+        text = json.dumps(report, indent=2, default=str) + "\n"
+        for out in outs:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     report["nccl_broadcast"] = {
         "ran": False,
@@ -578,14 +652,14 @@ def main(argv: list[str] | None = None) -> int:
         if gpus < 2
         else "two GPUs are visible: run tests/integration/test_broadcast.py with NCCL separately",
     }
-    report["wall_s"] = time.perf_counter() - start
-    text = json.dumps(report, indent=2, default=str) + "\n"
-    outs = [args.out]
-    if os.environ.get("OUT"):
-        outs.append(Path(os.environ["OUT"]) / "gpu-check.json")
+    for name, fn in parts.items():
+        report[name] = (
+            {"ok": None, "why": "skipped on request (--skip)"}
+            if name in args.skip
+            else run_part(name, fn)
+        )
+        write()
     for out in outs:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
         print(f"gpu_check: wrote {out}", file=sys.stderr)
     ok = all(report[name].get("ok") is not False for name in parts)
     return 0 if ok else 1

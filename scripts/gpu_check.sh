@@ -30,11 +30,10 @@ have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 "$PYTHON" -m pip install --quiet --no-deps --target "$SITE" --find-links "$CARRY/wheels" \
   -r "$CARRY/requirements.txt"
-if ! "$PYTHON" -c 'import sys, transformers; sys.exit(int(transformers.__version__.split(".")[0]) < 5)' 2>/dev/null; then
-  echo "gpu_check: the machine's transformers is missing or older than 5; using the carried one" >&2
-  "$PYTHON" -m pip install --quiet --no-deps --target "$SITE" --find-links "$CARRY/wheels" \
-    -r "$CARRY/requirements-transformers.txt"
-fi
+"$PYTHON" -c 'import sys, transformers; sys.exit(int(transformers.__version__.split(".")[0]) < 5)' || {
+  echo "gpu_check: lpreg needs transformers 5 (prepare the folder with scripts/gpu_carry.sh --full)" >&2
+  exit 2
+}
 
 # LPREG_GPU_CARRIED_REDIS=1 uses the carried redis-server even where one is installed.
 if [ -z "${LPREG_GPU_CARRIED_REDIS:-}" ] && command -v redis-server >/dev/null 2>&1; then

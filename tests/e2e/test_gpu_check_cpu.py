@@ -72,5 +72,20 @@ def test_gpu_check_quick_on_cpu_writes_every_field(tmp_path: Path) -> None:
     assert e2e["steps"] == 2 and e2e["policy_version"] == 2
     assert e2e["generator_weight_versions"] == {"gen-0": 2, "gen-1": 2}
 
+    fsdp = report["fsdp2"]
+    assert fsdp["ok"] is True, fsdp
+    assert (fsdp["world_size"], fsdp["backend"]) == (1, "gloo")
+    assert fsdp["step"]["compute_dtype"] == "bfloat16"
+    assert fsdp["step"]["num_regularized"] > 0, "the Lp-Reg term is not in the sharded step"
+    assert 0 <= fsdp["step"]["grad_rel_diff"] <= fsdp["step"]["grad_rel_tolerance"]
+    assert fsdp["checkpoint"] == {**fsdp["checkpoint"], "restored_step": 1, "ok": True}
+    assert not fsdp["checkpoint"]["tensors_not_bit_identical"]
+    assert finite(fsdp["speed"]["tokens_per_s"])
+
+    loss = report["kernel"]
+    assert loss["ok"] is True, loss
+    for size in loss["sizes"]:
+        assert finite(loss[str(size)]["project_ms"]), loss[str(size)]
+
     assert report["nccl_broadcast"]["ran"] is False and "NCCL" in report["nccl_broadcast"]["why"]
     assert finite(report["wall_s"])
