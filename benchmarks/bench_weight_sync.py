@@ -3,11 +3,12 @@
 The learner side runs in this process, two generator-side members run as processes of their own
 (this script with --worker), all on loopback Gloo:
 
-  project  what the learner pays per publish (services.learner.publisher): build_manifest packs a
-           model-shaped state dict into flat buckets and checksums them, the manifest goes to the
-           members, WeightSender.send broadcasts bucket by bucket and waits for every member's
-           checksum confirmation. Each member receives with WeightReceiver.receive_buckets and
-           copies each tensor into its own copy of the model as it arrives.
+  project  what the learner pays per publish (services.learner.publisher): plan_manifest lays
+           out a model-shaped state dict from its (cached) names, shapes and dtypes, the manifest
+           goes to the members, WeightSender.send_weights packs each bucket from the state dict
+           while the previous one is on the wire, authenticates it, and waits for every member's
+           confirmation. Each member receives with WeightReceiver.receive_buckets and copies each
+           tensor into its own copy of the model as it arrives.
   raw      torch.distributed broadcast of one flat buffer of the same bytes, already packed,
            into a preallocated buffer on each member, then the same one-element all-reduce that
            confirms the project's publish.
@@ -15,12 +16,13 @@ The learner side runs in this process, two generator-side members run as process
 project_s and raw_s are medians of --repeats (after one warm-up of each, alternating);
 efficiency = raw_s / project_s. pause_s is how long a member spends in a publish (from the
 start of its receive until the last tensor is loaded and verified), the larger of the two
-members, median. project_pack_s and project_broadcast_s split project_s.
+members, median. project_plan_s (planning and sending the manifest) and project_broadcast_s
+(packing, sending, authenticating, confirming) split project_s.
 
-The default state dict is 256 MB (1 GB, the issue's size, is --bytes 1e9 on a machine with the
-memory: every process holds the model once more plus its buffers).
+The default state dict is 1 GB, the issue's size (every process holds the model once more plus
+its buffers: about 7 GB in all); --bytes 256e6 on a smaller machine.
 
-    .venv/bin/python benchmarks/bench_weight_sync.py [--bytes 256e6] [--repeats 3]
+    .venv/bin/python benchmarks/bench_weight_sync.py [--bytes 1e9] [--repeats 3]
     .venv/bin/python benchmarks/bench_weight_sync.py --smoke
 """
 
@@ -45,11 +47,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from lpreg_core.config import BroadcastConfig  # noqa: E402
-from lpreg_core.weights import (  # noqa: E402
-    build_manifest,
-    manifest_from_proto,
-    manifest_to_proto,
-)
+from lpreg_core.weight_sync import layout_of, plan_manifest  # noqa: E402
+from lpreg_core.weights import manifest_from_proto, manifest_to_proto  # noqa: E402
 from lpreg_core.wire.lpreg.v1 import control_pb2  # noqa: E402
 from services.weight_sync import WeightReceiver, WeightSender  # noqa: E402
 
@@ -224,18 +223,20 @@ def run(num_bytes: int, repeats: int, bucket_bytes: int, log: IO) -> dict[str, A
                 if not m.reply()["ok"]:
                     raise RuntimeError("a member failed to start")
 
+            layout = layout_of(state.items())  # the publisher learns it once
+
             def project(version: int) -> tuple[float, float, float]:
                 start = time.perf_counter()
-                with torch.no_grad():
-                    manifest, flats = build_manifest(version, state, bucket_bytes)
+                manifest = plan_manifest(version, layout, bucket_bytes)
                 text = manifest_to_proto(manifest).SerializeToString().hex()
                 for m in members:
                     m.send(op="project", manifest=text)
-                packed = time.perf_counter()
-                sender.send(flats, SEND_TIMEOUT_S)
+                planned = time.perf_counter()
+                with torch.no_grad():
+                    sender.send_weights(manifest, state.items(), SEND_TIMEOUT_S)
                 end = time.perf_counter()
                 pause = max(m.reply()["pause_s"] for m in members)
-                return end - start, packed - start, pause
+                return end - start, planned - start, pause
 
             def raw() -> tuple[float, float]:
                 for m in members:
@@ -258,7 +259,7 @@ def run(num_bytes: int, repeats: int, bucket_bytes: int, log: IO) -> dict[str, A
                 m.stop()
     project_s = statistics.median(r[0] for r in project_runs)
     raw_s = statistics.median(r[0] for r in raw_runs)
-    pack_s = statistics.median(r[1] for r in project_runs)
+    plan_s = statistics.median(r[1] for r in project_runs)
     return {
         "bytes": total_bytes,
         "num_tensors": len(state),
@@ -271,7 +272,7 @@ def run(num_bytes: int, repeats: int, bucket_bytes: int, log: IO) -> dict[str, A
         "efficiency": raw_s / project_s,
         "pause_s": statistics.median(r[2] for r in project_runs),
         "raw_pause_s": statistics.median(r[1] for r in raw_runs),
-        "project_pack_s": pack_s,
+        "project_plan_s": plan_s,
         "project_broadcast_s": statistics.median(r[0] - r[1] for r in project_runs),
         "efficiency_broadcast_only": raw_s / statistics.median(r[0] - r[1] for r in project_runs),
         "project_all_s": [r[0] for r in project_runs],
@@ -284,9 +285,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--bytes", type=float, default=256e6, help="state dict size (default 256e6)"
-    )
+    parser.add_argument("--bytes", type=float, default=1e9, help="state dict size (default 1e9)")
     parser.add_argument("--repeats", type=int, default=3, help="timed publishes of each kind")
     parser.add_argument(
         "--bucket-bytes",

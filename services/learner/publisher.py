@@ -7,6 +7,10 @@ control stream, the learner waits (bounded) for them to announce themselves in t
 a fresh process group is built. Generators that miss the join deadline are left out and the epoch
 is rebuilt without them; a broadcast that fails or passes its deadline closes the epoch. The
 learner never waits on a dead peer for longer than one deadline.
+
+A publish never copies the whole model: the manifest is planned from the weights' names, shapes
+and dtypes (learned once, tensor by tensor, unless given), and each bucket is filled from the
+weights iterator only while the previous one is on the wire.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from lpreg_core.config import BroadcastConfig
-from lpreg_core.weight_sync import BucketSender, PublishResult
-from lpreg_core.weights import build_manifest, manifest_to_proto
+from lpreg_core.weight_sync import BucketSender, Layout, PublishResult, layout_of, plan_manifest
+from lpreg_core.weights import manifest_to_proto
 from lpreg_core.wire.lpreg.v1 import control_pb2
 from services.learner.metrics import LearnerMetrics
 from services.learner.registry import GeneratorRegistry
@@ -42,7 +46,11 @@ NamedTensors = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 class BroadcastPublisher:
     """``lpreg_core.weight_sync.WeightPublisher`` over a collective ``BucketSender``.
 
-    ``weights`` returns the learner's current (name, tensor) pairs each time it is called.
+    ``weights`` returns the learner's current (name, tensor) pairs each time it is called, in
+    the same order every time; they are drawn one at a time while the buckets go out. ``layout``
+    gives their (name, shape, dtype) without producing data; without it the first publish
+    learns the layout by one extra pass over ``weights`` (keeping no tensor), and a publish
+    whose weights no longer match it fails and learns it again.
     """
 
     def __init__(
@@ -53,6 +61,7 @@ class BroadcastPublisher:
         config: BroadcastConfig,
         advertise_host: str,
         metrics: LearnerMetrics,
+        layout: Callable[[], Layout] | None = None,
     ) -> None:
         self.registry = registry
         self.sender = sender
@@ -65,6 +74,8 @@ class BroadcastPublisher:
         self._members: dict[str, int] = {}  # generator id -> rank offset
         self._epoch_ok = False
         self.last_published = -1
+        self._layout_source = layout
+        self._layout: list[tuple[str, torch.Size, torch.dtype]] | None = None
 
     @property
     def members(self) -> list[str]:
@@ -145,9 +156,14 @@ class BroadcastPublisher:
                 self.metrics.broadcast_failures.labels(reason="join").inc()
                 return PublishResult(version, [], {}, False)
         t = time.monotonic()
-        with torch.no_grad():
-            named = [(n, p.detach()) for n, p in self.weights()]
-            manifest, flats = build_manifest(version, named, self.config.bucket_bytes)
+        if self._layout is None:
+            with torch.no_grad():
+                self._layout = (
+                    [(n, torch.Size(s), d) for n, s, d in self._layout_source()]
+                    if self._layout_source is not None
+                    else layout_of(self.weights())
+                )
+        manifest = plan_manifest(version, self._layout, self.config.bucket_bytes)
         event = control_pb2.ControlEvent(
             publish=control_pb2.PublishWeights(
                 version=version, epoch=self.epoch, manifest=manifest_to_proto(manifest)
@@ -157,18 +173,30 @@ class BroadcastPublisher:
         self.registry.send_all(event, members)
         sync.labels(phase="manifest").observe(time.monotonic() - t)
         t = time.monotonic()
+        weights = iter(self.weights())
         try:
-            self.sender.send(flats, timeout_s)
-        except BroadcastError as e:  # a dead member, a deadline, or a member's bad bytes
+            with torch.no_grad():
+                self.sender.send_weights(manifest, ((n, p.detach()) for n, p in weights), timeout_s)
+        except (BroadcastError, ValueError) as e:
+            # A dead member, a deadline, a member's bad bytes; or weights that no longer match
+            # the layout (learned again for the next publish).
             log.warning(
                 "broadcast of v%d failed (%s); the next publish starts a new epoch", version, e
             )
+            if isinstance(e, ValueError):
+                self._layout = None
             self.sender.close_epoch()
             self._epoch_ok = False
             self.metrics.broadcast_failures.labels(reason="broadcast").inc()
             return PublishResult(version, members, {}, False)
+        finally:
+            # A publish that stopped early lets the weights finish (a sharded learner's other
+            # ranks are in its gathers).
+            close = getattr(weights, "close", None)
+            if close is not None:
+                close()
         sync.labels(phase="broadcast").observe(time.monotonic() - t)
-        self.metrics.broadcast_bytes.inc(sum(f.numel() * f.element_size() for f in flats))
+        self.metrics.broadcast_bytes.inc(manifest.total_bytes)
         loaded: dict[str, int] = {}
         if wait_loaded:
             t = time.monotonic()

@@ -1,9 +1,10 @@
 """Weight sync adapters: the bucketed collective broadcast (Gloo on CPU, NCCL on GPU).
 
 ``WeightSender`` (learner, rank 0) and ``WeightReceiver`` (each generator worker) speak the
-protocol described in ``services.weight_sync.group``; a worker receives and loads a publish bucket
-by bucket (``WeightReceiver.receive_buckets``); the buckets and their manifest come from
-``lpreg_core.weights``. Other transports (CUDA IPC, a shared filesystem path) fit behind the same
+protocol described in ``services.weight_sync.group``; the learner fills and sends a publish bucket
+by bucket (``WeightSender.send_weights``, planned by ``lpreg_core.weight_sync.plan_manifest``), a
+worker receives and loads it bucket by bucket (``WeightReceiver.receive_buckets``), and every
+bucket is authenticated under the epoch secret (``services.weight_sync.integrity``). Other transports (CUDA IPC, a shared filesystem path) fit behind the same
 ``lpreg_core.weight_sync`` interfaces.
 """
 

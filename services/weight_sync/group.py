@@ -19,12 +19,17 @@ hands it out only in the JoinGroup event; ``tag`` derives from it):
    ignored, so the rank stays missing. If some never announce, the learner writes ``aborted`` and
    raises ``MembersMissing`` (the waiting members see ``aborted`` and give up at once); the caller
    opens a new epoch without them. Members believe ``members`` and ``aborted`` only when sealed.
-3. Each publish: the manifest goes over gRPC (the control plane), then ``send``/``receive_buckets``
-   broadcast every non-empty bucket from rank 0 and finish with one small all-reduce in which every
-   member reports whether its sha256 over the received bytes matches the manifest. ``send`` returns
-   only when every member has all the bytes and has checked them. A member receives one bucket at
-   a time and loads it before taking the next, so its receive memory is bounded by the bucket
-   size; the sender sees no difference.
+3. Each publish: the manifest goes over gRPC (the control plane), then ``send_weights`` (or
+   ``send``) and ``receive_buckets`` broadcast every non-empty bucket from rank 0, in chunks of at
+   most ``integrity.WIRE_CHUNK_BYTES``, then one broadcast of the buckets' MACs
+   (``EpochKeys.bucket_mac``: keyed by the epoch secret, bound to the manifest's ``checksum``, the
+   bucket index and size), and finish with one small all-reduce in which every member reports
+   whether every bucket it received authenticates. ``send_weights`` fills each bucket from the
+   weights iterator while the previous one is on the wire (at most two in flight), so the
+   learner never holds the model twice; ``send`` returns only when every member has all the
+   bytes and has checked them. A member loads one bucket while the next arrives and
+   authenticates each on a worker thread as it lands, so its receive memory is bounded by two
+   buckets; the sender sees no difference.
 4. Any failure (a dead or stuck peer, the deadline) makes the epoch unusable: the learner writes
    ``aborted`` (members blocked in a receive notice within ``ABORT_POLL_INTERVAL_S`` and fail
    too), drops the group, and the caller opens a new epoch with the survivors.
@@ -97,7 +102,8 @@ class BroadcastFailed(BroadcastError):
 
 
 class ChecksumMismatch(BroadcastError):
-    """Received bytes differ from the manifest's checksum. The group itself is still usable."""
+    """Received bytes do not authenticate for the manifest (altered on the way, or the member was
+    given another manifest). The group itself is still usable."""
 
 
 def resolve_backend(
@@ -315,15 +321,22 @@ class _Group:
         what: str,
         abort_reason: Callable[[], str | None] | None = None,
     ) -> None:
+        self.wait(self.start_broadcast(tensor, deadline, what), deadline, what, abort_reason)
+
+    def start_broadcast(self, tensor: torch.Tensor, deadline: _Deadline, what: str) -> Work:
+        """Queue a broadcast from rank 0 without waiting for it: ``wait`` on the result.
+
+        Operations run in the order they are started, so a caller may keep the network busy with
+        the next broadcast while it works on the data of the previous one.
+        """
         options = BroadcastOptions()
         options.rootRank = 0
         options.rootTensor = 0
         options.timeout = deadline.op_timeout()
-        self._run(
+        return self._start(
             lambda: self._pg.broadcast([tensor], options),  # type: ignore[attr-defined]
             deadline,
             what,
-            abort_reason,
         )
 
     def allreduce_sum(
@@ -336,21 +349,18 @@ class _Group:
         options = AllreduceOptions()
         options.reduceOp = ReduceOp.SUM  # type: ignore[assignment]
         options.timeout = deadline.op_timeout()
-        self._run(
+        work = self._start(
             lambda: self._pg.allreduce([tensor], options),  # type: ignore[attr-defined]
             deadline,
             what,
-            abort_reason,
         )
+        self.wait(work, deadline, what, abort_reason)
 
-    def _run(
-        self,
-        start: Callable[[], Work],
-        deadline: _Deadline,
-        what: str,
-        abort_reason: Callable[[], str | None] | None,
-    ) -> None:
-        context = f"epoch {self.epoch}, rank {self.rank}/{self.world_size}: {what}"
+    def _context(self, what: str) -> str:
+        return f"epoch {self.epoch}, rank {self.rank}/{self.world_size}: {what}"
+
+    def _start(self, start: Callable[[], Work], deadline: _Deadline, what: str) -> Work:
+        context = self._context(what)
         if deadline.expired():
             raise BroadcastFailed(
                 f"{context}: deadline of {deadline.timeout_s:.1f}s already passed"
@@ -359,7 +369,19 @@ class _Group:
             work = start()
         except RuntimeError as e:
             raise BroadcastFailed(f"{context} could not start: {e}") from e
+        # Operations complete in order: the last one started tells whether any is in flight.
         self._last_work = work
+        return work
+
+    def wait(
+        self,
+        work: Work,
+        deadline: _Deadline,
+        what: str,
+        abort_reason: Callable[[], str | None] | None = None,
+    ) -> None:
+        """Wait (bounded by ``deadline``, polling ``abort_reason``) for an operation started here."""
+        context = self._context(what)
         poll_s = _WORK_POLL_MIN_S
         next_abort_check = time.monotonic() + ABORT_POLL_INTERVAL_S
         while not work.is_completed():

@@ -1,23 +1,29 @@
 """Generator side of the weight broadcast: join an epoch, receive and check each publish.
 
 A publish is received bucket by bucket (``WeightReceiver.receive_buckets``) and loaded as it
-arrives, so a worker's receive memory is bounded by the bucket size, never the model's.
+arrives, so a worker's receive memory is bounded by the bucket size, never the model's. The next
+bucket arrives while the consumer loads the current one, and every bucket is authenticated
+(``EpochKeys.bucket_mac``) on a worker thread as it lands.
 """
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import logging
 import os
 import socket
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Work
 
 from lpreg_core.weights import BucketSpec, TensorSpec, WeightManifest, dtype_from_name
 from lpreg_core.weights import validate_manifest as _validate_manifest
@@ -37,51 +43,21 @@ from services.weight_sync.group import (
     _new_backend,
     check_receive_target,
 )
+from services.weight_sync.integrity import MAC_BYTES, BufferAccount, feed, wire_chunks
 from services.weight_sync.rendezvous import EpochKeys, SealedStore, check_secret
 
 log = logging.getLogger(__name__)
 
-# Device buckets are hashed through a host buffer of at most this size, so the checksum costs a
-# bounded amount of host memory whatever the bucket size.
-HASH_STAGING_BYTES = 16 * 1024 * 1024
+_T = TypeVar("_T")
 
 
-class _BufferAccount:
-    """Bytes of receive buffers alive now and at most; a buffer counts until it is freed."""
+@dataclass
+class _Incoming:
+    """A bucket whose broadcasts are started: its buffer, one operation per wire chunk."""
 
-    def __init__(self) -> None:
-        self.live_bytes = 0
-        self.peak_bytes = 0
-
-    def empty(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        buffer = torch.empty(numel, dtype=dtype, device=device)
-        nbytes = buffer.numel() * buffer.element_size()
-        self.live_bytes += nbytes
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        # Views handed to the consumer keep the buffer alive (their ``_base``); it counts until
-        # the last of them is gone.
-        weakref.finalize(buffer, self._freed, nbytes)
-        return buffer
-
-    def _freed(self, nbytes: int) -> None:
-        self.live_bytes -= nbytes
-
-    def reset_peak(self) -> None:
-        self.peak_bytes = self.live_bytes
-
-
-def _hash_bucket(digest: hashlib._Hash, flat: torch.Tensor, buffers: _BufferAccount) -> None:
-    """Feed the raw bytes of ``flat`` to ``digest`` (as ``checksum_of_buckets`` does)."""
-    data = flat.detach().reshape(-1).view(torch.uint8)
-    if data.device.type == "cpu":
-        digest.update(data.numpy().data)
-        return
-    staging = buffers.empty(min(data.numel(), HASH_STAGING_BYTES), torch.uint8, torch.device("cpu"))
-    for start in range(0, data.numel(), staging.numel()):
-        chunk = data[start : start + staging.numel()]
-        part = staging[: chunk.numel()]
-        part.copy_(chunk)
-        digest.update(part.numpy().data)
+    bucket: BucketSpec
+    flat: torch.Tensor
+    chunks: list[tuple[torch.Tensor, Work]]
 
 
 class BucketStream:
@@ -90,12 +66,18 @@ class BucketStream:
     An iterator of ``(name, tensor)`` in bucket order and, within a bucket, offset order.
     ``error`` holds what ended it early, ``num_tensors`` how many tensors were handed out,
     ``wait_s`` the time spent waiting for the network.
+
+    While the consumer loads one bucket the next one is already arriving, and a worker thread
+    authenticates each bucket as its chunks land; the next bucket is started only once the one
+    before the current is gone (consumer and authentication done with it), so at most two
+    buckets are alive.
     """
 
     def __init__(
         self,
         receiver: WeightReceiver,
         group: _Group,
+        keys: EpochKeys,
         manifest: WeightManifest,
         target: torch.device,
         deadline: _Deadline,
@@ -103,6 +85,7 @@ class BucketStream:
     ) -> None:
         self._receiver = receiver
         self._group = group
+        self._keys = keys
         self.manifest = manifest
         self._target = target
         self._deadline = deadline
@@ -112,9 +95,14 @@ class BucketStream:
             members[spec.bucket].append(spec)
         self._members = {i: sorted(specs, key=lambda s: s.offset) for i, specs in members.items()}
         self._next_bucket = 0
+        # The next bucket, already on its way; and the bucket before the current one, which
+        # must be gone before another is started.
+        self._incoming: _Incoming | None = None
+        self._previous: weakref.ref[torch.Tensor] | None = None
+        self._current: weakref.ref[torch.Tensor] | None = None
         # The current bucket's tensors not handed out yet, last one first.
         self._pending: list[tuple[str, torch.Tensor]] = []
-        self._digest = hashlib.sha256()
+        self._macs: list[Future[bytes]] = []
         self._done = False
         self.error: BroadcastError | None = None
         self.num_tensors = 0
@@ -132,65 +120,111 @@ class BucketStream:
     def __next__(self) -> tuple[str, torch.Tensor]:
         if self._done:
             raise StopIteration
+        self._prefetch()
         while not self._pending:
             if self._next_bucket == len(self.manifest.buckets):
                 self._confirm(raise_mismatch=True)
                 raise StopIteration
-            self._pending = self._receive_bucket()
+            self._pending = self._land_next()
+            self._prefetch()
         self.num_tensors += 1
         return self._pending.pop()
 
-    def _receive_bucket(self) -> list[tuple[str, torch.Tensor]]:
-        bucket: BucketSpec = self.manifest.buckets[self._next_bucket]
-        self._next_bucket += 1
+    def _what(self, index: int) -> str:
+        return f"version {self.manifest.version} bucket {index}/{len(self.manifest.buckets)}"
+
+    def _prefetch(self) -> None:
+        """Start the next bucket's broadcasts if the one before the current bucket is gone."""
+        if self._incoming is not None or self._next_bucket >= len(self.manifest.buckets):
+            return
+        if self._previous is not None and self._previous() is not None:
+            return
+        self._incoming = self._start(self.manifest.buckets[self._next_bucket])
+
+    def _start(self, bucket: BucketSpec) -> _Incoming:
         flat = self._receiver._buffers.empty(
             bucket.numel, dtype_from_name(bucket.dtype), self._target
         )
-        if bucket.numel > 0:
+        what = self._what(bucket.index)
+        chunks = self._collective(
+            lambda: [
+                (chunk, self._group.start_broadcast(chunk, self._deadline, what))
+                for chunk in wire_chunks(flat)
+            ]
+        )
+        return _Incoming(bucket, flat, chunks)
+
+    def _land_next(self) -> list[tuple[str, torch.Tensor]]:
+        """Wait for the next bucket (started now if it was not yet), hand its chunks to the
+        authenticating thread as they land; its tensors, last one first."""
+        incoming = self._incoming or self._start(self.manifest.buckets[self._next_bucket])
+        self._incoming = None
+        self._next_bucket += 1
+        bucket, flat = incoming.bucket, incoming.flat
+        what = self._what(bucket.index)
+        mac = self._keys.bucket_mac(self.manifest.checksum, bucket.index, bucket.nbytes)
+        hasher = self._receiver._hasher()
+        for chunk, work in incoming.chunks:
             start = time.monotonic()
-            self._collective(
-                lambda: self._group.broadcast(
-                    flat,
-                    self._deadline,
-                    f"version {self.manifest.version} bucket {bucket.index}/"
-                    f"{len(self.manifest.buckets)}",
-                    self._abort_reason,
-                )
-            )
+            self._wait(work, what)
             self.wait_s += time.monotonic() - start
-            _hash_bucket(self._digest, flat, self._receiver._buffers)
+            hasher.submit(feed, mac, chunk, self._receiver._buffers.empty)
+        self._macs.append(hasher.submit(mac.digest))
+        del incoming
         self.num_buckets_received += 1
+        self._previous, self._current = self._current, weakref.ref(flat)
         return [
             (s.name, flat[s.offset : s.offset + s.numel].view(s.shape))
             for s in reversed(self._members[bucket.index])
         ]
 
-    def _collective(self, run: Callable[[], None]) -> None:
+    def _wait(self, work: Work, what: str) -> None:
+        self._collective(lambda: self._group.wait(work, self._deadline, what, self._abort_reason))
+
+    def _collective(self, run: Callable[[], _T]) -> _T:
         try:
-            run()
+            return run()
         except BroadcastFailed as e:
             self._done = True
             self.error = e
             self._pending = []
+            self._incoming = None
             self._receiver._stream_failed(self)
             raise
 
     def _confirm(self, *, raise_mismatch: bool) -> None:
-        """Tell the learner whether the bytes matched (one all-reduce), then end the stream."""
-        actual = self._digest.hexdigest()
-        mismatch = actual != self.manifest.checksum
-        failed = torch.tensor([int(mismatch)], dtype=torch.int32).to(self._target)
+        """Receive the learner's MACs, tell it whether every bucket authenticated (one
+        all-reduce), then end the stream."""
+        tags = torch.empty(MAC_BYTES * len(self.manifest.buckets), dtype=torch.uint8)
+        received = tags.to(self._target)
+        self._collective(
+            lambda: self._group.broadcast(
+                received, self._deadline, "bucket MACs", self._abort_reason
+            )
+        )
+        expected = bytes(received.cpu().numpy().tobytes())
+        bad = [
+            index
+            for index, future in enumerate(self._macs)
+            if not hmac.compare_digest(
+                future.result(), expected[index * MAC_BYTES : (index + 1) * MAC_BYTES]
+            )
+        ]
+        failed = torch.tensor([int(bool(bad))], dtype=torch.int32).to(self._target)
         self._collective(
             lambda: self._group.allreduce_sum(
                 failed, self._deadline, "checksum confirmation", self._abort_reason
             )
         )
         self._done = True
-        if mismatch:
+        self._macs = []
+        if bad:
             self.error = ChecksumMismatch(
                 f"epoch {self._group.epoch}, rank {self._group.rank}: version "
-                f"{self.manifest.version} arrived with sha256 {actual}, manifest says "
-                f"{self.manifest.checksum}"
+                f"{self.manifest.version} (manifest {self.manifest.checksum[:16]}): "
+                f"{len(bad)} of {len(self.manifest.buckets)} buckets (first: {bad[0]}) do not "
+                "authenticate; the bytes were altered on the way or the manifest is not the "
+                "learner's"
             )
             if raise_mismatch:
                 raise self.error
@@ -204,7 +238,8 @@ class BucketStream:
         self._pending = []
         try:
             while self._next_bucket < len(self.manifest.buckets):
-                self._receive_bucket()
+                self._land_next()
+                self._prefetch()
             self._confirm(raise_mismatch=False)
         except BroadcastFailed:
             pass
@@ -216,6 +251,7 @@ class BucketStream:
         if not self._done:
             self._done = True
             self._pending = []
+            self._incoming = None
             if self.error is None:
                 self.error = BroadcastFailed(
                     f"version {self.manifest.version}: the member left the group mid-publish"
@@ -245,7 +281,8 @@ class WeightReceiver:
         self._group: _Group | None = None
         self._epoch_store: SealedStore | None = None
         self._stream: BucketStream | None = None
-        self._buffers = _BufferAccount()
+        self._buffers = BufferAccount()
+        self._hash_pool: ThreadPoolExecutor | None = None
 
     @property
     def epoch(self) -> int | None:
@@ -372,7 +409,7 @@ class WeightReceiver:
         """Most bytes of receive buffers alive at once during the last (or current) publish.
 
         Counts every buffer the receive path allocates (bucket buffers and the host staging of
-        the checksum), for as long as anything, the consumer included, still references it.
+        the authentication), for as long as anything, the consumer included, still references it.
         """
         return self._buffers.peak_bytes
 
@@ -387,15 +424,17 @@ class WeightReceiver:
         """Receive one publish bucket by bucket: iterate the result for ``(name, tensor)``.
 
         The tensors are views into the bucket just received and are valid until the consumer
-        drops them; the next bucket is received only when the consumer asks for the tensor after
-        the last one of the current bucket, so at most two buckets are alive at once (the one
-        being consumed and the previous one while the consumer still holds its last tensor).
-        Tensors come in manifest dtype; loaders cast them to their parameters' dtypes.
+        drops them. The next bucket starts arriving while the consumer loads the current one, as
+        soon as nothing (consumer or authentication) holds the bucket before the current one, so
+        at most two buckets are alive at once. Tensors come in manifest dtype; loaders cast them
+        to their parameters' dtypes.
 
         Iterating raises ``BroadcastFailed`` (the group is released; wait for the next join) on a
         dead learner, an abandoned epoch or the deadline, which covers receiving and consuming;
-        after the last tensor it raises ``ChecksumMismatch`` if the bytes differ from
-        ``manifest.checksum`` (the group stays usable). Either way the consumer may already have
+        after the last tensor it raises ``ChecksumMismatch`` if some bucket does not authenticate
+        under the epoch's key for this manifest (``manifest.checksum`` names the publish), that
+        is the bytes were altered or the manifest differs from the learner's (the group stays
+        usable). Either way the consumer may already have
         loaded some of the tensors. Close the stream (``with``) when done: closing it early
         receives and discards the rest, so the learner and the other members finish the publish.
         """
@@ -419,7 +458,7 @@ class WeightReceiver:
 
         self._buffers.reset_peak()
         self._stream = BucketStream(
-            self, group, manifest, target, _Deadline(timeout_s), abort_reason
+            self, group, epoch_store.keys, manifest, target, _Deadline(timeout_s), abort_reason
         )
         return self._stream
 
@@ -434,6 +473,12 @@ class WeightReceiver:
         stream.close()
         if isinstance(stream.error, BroadcastFailed):
             raise stream.error
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        """The thread that authenticates received chunks (in order) while the next arrive."""
+        if self._hash_pool is None:
+            self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="lpreg-weights-mac")
+        return self._hash_pool
 
     def _stream_failed(self, stream: BucketStream) -> None:
         if stream is self._stream:
@@ -453,6 +498,9 @@ class WeightReceiver:
         """Leave and disconnect from the store. Idempotent."""
         self.leave()
         self._drop_store()
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True)
+            self._hash_pool = None
 
     def __enter__(self) -> WeightReceiver:
         return self

@@ -21,7 +21,9 @@ the rendezvous where Gloo or NCCL read it (the epoch is lost, not the learner). 
 cannot prevent: anyone who reaches it can still delete or overwrite keys of the open epoch (a
 denial of that epoch) and store data (memory; ``WeightSender`` sweeps keys outside the current
 and previous epoch at each epoch). The weights themselves travel over the collective's own
-connections, unencrypted; keep the broadcast network private.
+connections, unencrypted (keep the broadcast network private) but authenticated: every bucket
+carries a MAC under a key derived from the secret (``EpochKeys.bucket_mac``), so bytes altered or
+injected on the way are detected and reported, never taken for the published version.
 """
 
 from __future__ import annotations
@@ -75,6 +77,18 @@ class EpochKeys:
         self.prefix = f"epoch/{epoch}/{tag}"
         self._cipher_key = _derive(secret, epoch, b"cipher")
         self._mac_key = _derive(secret, epoch, b"mac")
+        self._weights_key = _derive(secret, epoch, b"weights")
+
+    def bucket_mac(self, publish_id: str, index: int, nbytes: int) -> hmac.HMAC:
+        """The MAC (HMAC-SHA256) of one bucket of a publish, bytes still to be fed.
+
+        Bound to the epoch (its own key), the publish (``publish_id``, the manifest's
+        ``checksum``), the bucket's index and its size: a bucket forged, altered, replayed from
+        another publish or moved to another index does not authenticate.
+        """
+        name = publish_id.encode()
+        header = struct.pack(">I", len(name)) + name + struct.pack(">QQ", index, nbytes)
+        return hmac.new(self._weights_key, header, "sha256")
 
     def _keystream(self, nonce: bytes, size: int) -> bytes:
         # HMAC-SHA256 as a PRF in counter mode: a stream cipher from the standard library.

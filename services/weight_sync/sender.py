@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Work
 
+from lpreg_core.weight_sync import fill_buckets
+from lpreg_core.weights import BucketSpec, WeightManifest, checksum_of_buckets, dtype_from_name
 from services.weight_sync.group import (
     _ABORTED_KEY,
     _MEMBERS_KEY,
@@ -30,6 +37,7 @@ from services.weight_sync.group import (
     _new_backend,
     resolve_backend,
 )
+from services.weight_sync.integrity import feed, wire_chunks
 from services.weight_sync.rendezvous import EpochKeys, SealedStore, new_secret
 
 if TYPE_CHECKING:
@@ -41,6 +49,8 @@ log = logging.getLogger(__name__)
 # writes into the store. Deleting is one store round trip per key, so the sweep is capped to keep
 # opening an epoch fast whatever was written.
 _SWEEP_MAX_KEYS = 10_000
+# Buckets the learner has on the wire at once: one being sent while the next is packed.
+MAX_BUCKETS_IN_FLIGHT = 2
 
 
 class WeightSender:
@@ -48,9 +58,10 @@ class WeightSender:
 
     ``WeightSender(config.broadcast, device)`` binds the store on ``store_host:store_port``
     (port 0 picks a free one; see ``.port``). Per membership change: ``epoch_secret`` (hand it to
-    the members in their JoinGroup, over gRPC only), then ``open_epoch``; per publish: ``send`` the
-    flat buffers returned by ``lpreg_core.weights.build_manifest`` after the manifest went out over
-    gRPC.
+    the members in their JoinGroup, over gRPC only), then ``open_epoch``; per publish, after the
+    manifest went out over gRPC: ``send_weights`` the weights of a manifest from
+    ``lpreg_core.weight_sync.plan_manifest`` (or ``send`` the flat buffers returned by
+    ``lpreg_core.weights.build_manifest``).
     """
 
     def __init__(
@@ -96,7 +107,13 @@ class WeightSender:
         # Secrets drawn for epochs not opened yet, and the open (or last) epoch's sealed keys.
         self._secrets: dict[int, bytes] = {}
         self._epoch_store: SealedStore | None = None
+        self._keys: EpochKeys | None = None
         self._kept_prefixes: tuple[str, ...] = ()
+        # Bucket buffers kept between buckets and publishes, and the thread that authenticates
+        # a bucket while it is on the wire.
+        self._spare: list[torch.Tensor] = []
+        self._lent: list[torch.Tensor] = []
+        self._hash_pool: ThreadPoolExecutor | None = None
 
     @property
     def epoch(self) -> int | None:
@@ -153,7 +170,7 @@ class WeightSender:
         self.close_epoch()
         self._last_epoch = epoch
         self._secrets = {e: s for e, s in self._secrets.items() if e > epoch}
-        keys = EpochKeys(secret, epoch)
+        keys = self._keys = EpochKeys(secret, epoch)
         epoch_store = self._epoch_store = SealedStore.for_epoch(store, keys)
         self._sweep(store, keys.prefix)
         pending = {rank: _joined_key(rank) for rank in range(1, world_size)}
@@ -223,35 +240,131 @@ class WeightSender:
                 _SWEEP_MAX_KEYS,
             )
 
-    def send(self, flats: Sequence[torch.Tensor], timeout_s: float) -> None:
-        """Broadcast the flat buckets to every member and wait until all verified them.
+    def send(
+        self, flats: Sequence[torch.Tensor], timeout_s: float, *, publish_id: str | None = None
+    ) -> None:
+        """Broadcast flat buckets packed beforehand and wait until all members verified them.
 
-        Raises ``BroadcastFailed`` (epoch closed: open a new one) when a peer dies or the deadline
-        passes, ``ChecksumMismatch`` (epoch still open) when some member's bytes did not match.
+        ``publish_id`` is the ``checksum`` of the manifest the members received; by default the
+        sha256 of the buckets, as ``lpreg_core.weights.build_manifest`` puts it there. Raises
+        ``BroadcastFailed`` (epoch closed: open a new one) when a peer dies or the deadline
+        passes, ``ChecksumMismatch`` (epoch still open) when some member's bytes did not
+        authenticate.
         """
-        group = self._group
-        if group is None:
-            raise RuntimeError("send() needs an open epoch: call open_epoch() first")
-        deadline = _Deadline(timeout_s)
         for index, flat in enumerate(flats):
             if flat.dim() != 1 or not flat.is_contiguous():
                 raise ValueError(f"bucket {index}: expected a flat contiguous tensor")
+        if publish_id is None:
+            publish_id = checksum_of_buckets(flats)
+        self._send_buckets(publish_id, enumerate(flats), len(flats), _Deadline(timeout_s))
+
+    def send_weights(
+        self,
+        manifest: WeightManifest,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        timeout_s: float,
+    ) -> None:
+        """Broadcast a publish planned by ``lpreg_core.weight_sync.plan_manifest``, packing each
+        bucket from ``weights`` only while the previous one is on the wire.
+
+        Besides the tensors ``weights`` is producing, the learner holds at most
+        ``MAX_BUCKETS_IN_FLIGHT`` buckets on their way plus one open bucket per dtype; their
+        buffers are kept for the next publish. Raises like ``send``, and ``ValueError`` (epoch
+        closed) when ``weights`` does not match the manifest.
+        """
+        buckets = fill_buckets(manifest, weights, self._take_buffer)
+        self._send_buckets(
+            manifest.checksum,
+            ((b.index, flat) for b, flat in buckets),
+            len(manifest.buckets),
+            _Deadline(timeout_s),
+        )
+
+    def _take_buffer(self, bucket: BucketSpec, device: torch.device) -> torch.Tensor:
+        """A flat buffer for ``bucket``: a kept one when one is large enough, else a new one."""
+        for i, buffer in enumerate(self._spare):
+            if buffer.device == device and buffer.numel() >= bucket.nbytes:
+                del self._spare[i]
+                break
+        else:
+            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
+        self._lent.append(buffer)
+        return buffer[: bucket.nbytes].view(dtype_from_name(bucket.dtype))
+
+    def _give_back(self, flat: torch.Tensor) -> None:
+        """Keep the buffer under ``flat`` (the largest few) if it is one of ours."""
+        for i, buffer in enumerate(self._lent):
+            if flat._base is buffer:
+                del self._lent[i]
+                self._spare.append(buffer)
+                self._spare.sort(key=lambda b: b.numel(), reverse=True)
+                del self._spare[MAX_BUCKETS_IN_FLIGHT:]
+                return
+
+    def _send_buckets(
+        self,
+        publish_id: str,
+        buckets: Iterator[tuple[int, torch.Tensor]],
+        num_buckets: int,
+        deadline: _Deadline,
+    ) -> None:
+        group, keys = self._group, self._keys
+        if group is None or keys is None:
+            raise RuntimeError("send() needs an open epoch: call open_epoch() first")
+        hasher = self._hasher()
+        self._lent = []
+        macs: list[Future[bytes] | None] = [None] * num_buckets
+        in_flight: deque[_InFlight] = deque()
+        device = self.device
         try:
-            for index, flat in enumerate(flats):
-                if flat.numel() == 0:
-                    continue
-                group.broadcast(flat, deadline, f"broadcast of bucket {index}/{len(flats)}")
-            failures = torch.zeros(1, dtype=torch.int32, device=_flat_device(flats, self.device))
+            for index, flat in buckets:
+                if not 0 <= index < num_buckets or macs[index] is not None:
+                    raise ValueError(f"bucket {index} is not the next of {num_buckets}")
+                device = flat.device
+                what = f"broadcast of bucket {index}/{num_buckets}"
+                works = [group.start_broadcast(c, deadline, what) for c in wire_chunks(flat)]
+                mac = keys.bucket_mac(publish_id, index, flat.numel() * flat.element_size())
+                digest = macs[index] = hasher.submit(_digest, mac, flat)
+                in_flight.append(_InFlight(what, flat, works, digest))
+                del flat
+                # Pack the next bucket while this one is on the wire, never more than that.
+                while len(in_flight) >= MAX_BUCKETS_IN_FLIGHT:
+                    self._retire(group, in_flight.popleft(), deadline)
+            while in_flight:
+                self._retire(group, in_flight.popleft(), deadline)
+            if any(m is None for m in macs):
+                raise ValueError(
+                    f"only {sum(m is not None for m in macs)} of {num_buckets} buckets"
+                )
+            trailer = b"".join(m.result() for m in macs if m is not None)
+            tags = torch.frombuffer(bytearray(trailer), dtype=torch.uint8).to(device)
+            group.broadcast(tags, deadline, "bucket MACs")
+            failures = torch.zeros(1, dtype=torch.int32, device=device)
             group.allreduce_sum(failures, deadline, "checksum confirmation")
         except BroadcastFailed as e:
             self._abort_epoch(str(e))
+            raise
+        except BaseException as e:
+            # The members are somewhere in the publish: fail it for them too.
+            self._abort_epoch(f"the publish could not be completed: {e}")
             raise
         num_failed = int(failures.item())
         if num_failed:
             raise ChecksumMismatch(
                 f"epoch {group.epoch}: {num_failed} of {group.world_size - 1} members received "
-                "bytes that do not match the manifest checksum"
+                "bytes that do not authenticate for the manifest they were given"
             )
+
+    def _retire(self, group: _Group, sent: _InFlight, deadline: _Deadline) -> None:
+        for work in sent.works:
+            group.wait(work, deadline, sent.what)
+        sent.mac.result()
+        self._give_back(sent.flat)
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        if self._hash_pool is None:
+            self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="lpreg-weights-mac")
+        return self._hash_pool
 
     def _abort_epoch(self, reason: str, *, failed: bool = True) -> None:
         group, self._group = self._group, None
@@ -277,6 +390,10 @@ class WeightSender:
         self.close_epoch()
         self._store = None
         self._epoch_store = None
+        self._spare = []
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True)
+            self._hash_pool = None
 
     def __enter__(self) -> WeightSender:
         return self
@@ -285,6 +402,14 @@ class WeightSender:
         self.close()
 
 
-def _flat_device(flats: Sequence[torch.Tensor], default: torch.device) -> torch.device:
-    """Device of the buckets (the confirmation tensor must live where the collective runs)."""
-    return flats[0].device if flats else default
+@dataclass
+class _InFlight:
+    what: str
+    flat: torch.Tensor
+    works: list[Work]
+    mac: Future[bytes]
+
+
+def _digest(mac: hmac.HMAC, flat: torch.Tensor) -> bytes:
+    feed(mac, flat)
+    return mac.digest()

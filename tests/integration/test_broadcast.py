@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from lpreg_core.config import BroadcastConfig
+from lpreg_core.weight_sync import layout_of, plan_manifest
 from lpreg_core.weights import WeightManifest, build_manifest, manifest_to_proto
 from services.weight_sync import (
     BroadcastFailed,
@@ -30,6 +31,7 @@ from services.weight_sync import (
     WeightReceiver,
     WeightSender,
 )
+from services.weight_sync.group import _Group
 
 pytestmark = pytest.mark.integration
 
@@ -224,13 +226,15 @@ def open_epoch(sender: WeightSender, epoch: int, members: list[Worker]) -> None:
 
 
 def publish(sender: WeightSender, version: int, members: list[Worker]) -> None:
-    """One full publish; every member must hold bit-identical tensors and the same checksum."""
+    """One full publish as the learner makes it (planned from the layout, buckets filled from
+    the weights as they go out); every member must hold bit-identical tensors and the same
+    checksum."""
     weights = make_weights(seed=version)
-    manifest, flats = build_manifest(version, weights, BUCKET_BYTES)
+    manifest = plan_manifest(version, layout_of(weights.items()), BUCKET_BYTES)
     assert len(manifest.buckets) >= 4
     for worker in members:
         worker.receive(manifest)
-    sender.send(flats, SEND_TIMEOUT_S)
+    sender.send_weights(manifest, iter(weights.items()), SEND_TIMEOUT_S)
     want = expected_digests(weights)
     for worker in members:
         got = worker.ok()
@@ -248,6 +252,54 @@ def test_two_members_receive_bit_identical_weights_over_several_buckets_and_vers
     assert (sender.epoch, sender.world_size) == (1, 3)
     publish(sender, version=1, members=members)
     publish(sender, version=2, members=members)
+
+
+@pytest.mark.timeout(120)
+def test_the_learner_gathers_each_bucket_only_while_the_one_before_is_on_the_wire(
+    sender: WeightSender,
+    spawn_workers: Callable[[int], list[Worker]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Never a full copy of the weights on the learner: bucket k is filled from tensors gathered
+    one at a time (fresh ones, as a sharded learner gathers them) only up to its last tensor,
+    and only once bucket k - 2 has left."""
+    (member,) = spawn_workers(1)
+    open_epoch(sender, 1, [member])
+    weights = {f"layers.{i}.weight": torch.randn(64, 64) for i in range(12)}  # 16 KiB each
+    manifest = plan_manifest(1, layout_of(weights.items()), 2 * 16 * 1024)
+    assert len(manifest.buckets) == 6
+    produced: list[str] = []
+    gathered_when_sent: list[int] = []
+    sent_when_gathered: list[int] = []
+    start_broadcast, wait = _Group.start_broadcast, _Group.wait
+    waited: list[object] = []
+
+    def spy_start(group: _Group, tensor: torch.Tensor, *args: Any) -> Any:
+        gathered_when_sent.append(len(produced))
+        return start_broadcast(group, tensor, *args)
+
+    def spy_wait(group: _Group, work: Any, *args: Any) -> None:
+        wait(group, work, *args)
+        waited.append(work)
+
+    monkeypatch.setattr(_Group, "start_broadcast", spy_start)
+    monkeypatch.setattr(_Group, "wait", spy_wait)
+
+    def gather() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights.items():
+            produced.append(name)
+            sent_when_gathered.append(len(waited))
+            yield name, tensor.clone()
+
+    member.receive(manifest)
+    sender.send_weights(manifest, gather(), SEND_TIMEOUT_S)
+    assert member.ok()["tensors"] == expected_digests(weights)
+    # One broadcast per bucket (they are smaller than a wire chunk), each started as soon as its
+    # second tensor was gathered; the MACs follow the last.
+    assert gathered_when_sent == [2, 4, 6, 8, 10, 12, 12]
+    # Bucket k (tensors 2k, 2k + 1) is gathered only after bucket k - 2 was sent.
+    assert all(sent >= i // 2 - 1 for i, sent in enumerate(sent_when_gathered))
+    assert sent_when_gathered[4] >= 1 and sent_when_gathered[-1] >= 4
 
 
 @pytest.mark.timeout(120)

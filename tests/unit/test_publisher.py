@@ -3,7 +3,7 @@ bytes cost an epoch, never the learner."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from test_learner_loop import connect
 
 from lpreg_core.config import BroadcastConfig
+from lpreg_core.weights import WeightManifest
 from services.learner.metrics import LearnerMetrics
 from services.learner.publisher import BroadcastPublisher
 from services.learner.registry import GeneratorRegistry
@@ -33,9 +34,19 @@ class FailingSender:
         self.epochs.append(epoch)
 
     def send(self, flats: Sequence[torch.Tensor], timeout_s: float) -> None:
+        raise AssertionError("the publisher sends lazily (send_weights)")
+
+    def send_weights(
+        self,
+        manifest: WeightManifest,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        timeout_s: float,
+    ) -> None:
         self.sends += 1
         if self.sends == 1:
             raise self.error
+        for _ in weights:
+            pass
 
     def close_epoch(self) -> None:
         pass
