@@ -192,13 +192,24 @@ def tiny_groups(model: torch.nn.Module, num_prompts: int, seed: int) -> list[Any
             group.completions.append(
                 rollout_pb2.Completion(
                     token_ids=toks,
-                    logprobs=[-1.5] * len(toks),
+                    logprobs=behaviour_log_probs(model, ids, toks),
                     versions=[0] * len(toks),
                     reward=float((i + g) % 2),
                 )
             )
         groups.append(group)
     return groups
+
+
+def behaviour_log_probs(
+    model: torch.nn.Module, prompt: list[int], tokens: list[int]
+) -> list[float]:
+    """The sampler's own log-probs of its tokens, as a generator reports them: importance weights
+    near 1, so off-policy masking (a hard cut at the cap) does not decide the compared loss."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0].double()
+    picked = logits[len(prompt) - 1 : -1].log_softmax(-1)
+    return picked.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
 
 
 def step_and_grads(
@@ -584,6 +595,8 @@ def run_part(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     except Exception as exc:  # one part's failure is a result; the other parts still run
         result = failure(exc)
     result["part_wall_s"] = time.perf_counter() - start
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # the next part (or its subprocess) gets the memory back
     print(f"gpu_check: {name} ok={result.get('ok')}", file=sys.stderr, flush=True)
     return result
 

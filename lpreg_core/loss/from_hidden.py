@@ -148,7 +148,7 @@ def token_stats_from_hidden(
             float(temperature),
             proxy,
             int(chunk_size),
-            TritonBlocks(),
+            TritonBlocks.for_device(dtype, hidden.device),
         )
     else:
         log_probs, entropy, proxy_log_probs, keep_count = ChunkedTokenStats.apply(

@@ -22,7 +22,7 @@ then two torch matmuls: d hidden += dz @ W_block, d W_block = dz.T @ hidden (eac
 gradient written once).
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (slow; for tests). Block sizes
-are in TritonBlocks; the defaults are untuned starting points for H100-class GPUs.
+are in TritonBlocks; TritonBlocks.for_device picks them by operand size and shared memory.
 """
 
 from __future__ import annotations
@@ -67,6 +67,25 @@ class TritonBlocks:
                 raise ValueError(f"{name} must be a power of two >= 16, got {size}")
         if self.vocab_splits is not None and self.vocab_splits < 1:
             raise ValueError(f"vocab_splits must be >= 1, got {self.vocab_splits}")
+
+    def shared_memory_bytes(self, element_size: int) -> int:
+        """Shared memory the pipelined operand tiles take: num_stages copies of a (block_n,
+        block_h) hidden tile and a (block_v, block_h) weight tile."""
+        tile = (self.block_n + self.block_v) * self.block_h * element_size
+        return tile * self.num_stages
+
+    @classmethod
+    def for_device(cls, dtype: torch.dtype, device: torch.device) -> TritonBlocks:
+        """The tiles to launch with: 128 x 256 where the 16-bit operands' pipeline fits the
+        device's shared memory (Hopper-class GPUs; on an H200 with Qwen2.5-7B's head, 1.4x the
+        64 x 128 tiles in the train pass and 1.7x in the statistics pass,
+        benchmarks/results/gpu-check.json), else the smaller defaults."""
+        large = cls(block_n=128, block_v=256)
+        if device.type != "cuda" or dtype.itemsize > 2:
+            return cls()
+        props = torch.cuda.get_device_properties(device)
+        available = int(getattr(props, "shared_memory_per_block_optin", 0))
+        return large if large.shared_memory_bytes(dtype.itemsize) <= available else cls()
 
 
 _TL_DTYPES = {

@@ -307,6 +307,14 @@ if INTERPRETED:
         with pytest.raises(ValueError, match="vocab_splits"):
             kernels.TritonBlocks(vocab_splits=0)
 
+    def test_tiles_follow_the_operands_and_the_device(kernels: ModuleType) -> None:
+        blocks = kernels.TritonBlocks
+        # 3 stages of a 128 x 64 hidden tile and a 256 x 64 weight tile, 2 bytes each.
+        assert blocks(block_n=128, block_v=256).shared_memory_bytes(2) == 3 * 384 * 64 * 2
+        cpu = torch.device("cpu")
+        assert blocks.for_device(torch.bfloat16, cpu) == blocks()
+        assert blocks.for_device(torch.float32, cpu) == blocks()
+
 else:
 
     def test_kernels_under_the_interpreter() -> None:
