@@ -5,17 +5,21 @@ transport's, not the disk's) carries --groups rollout groups of 8 completions x 
 
   project  services.transport.redis_streams.RedisStreams, as the services drive it: the generator
            encodes each group and publishes it while acking its task (publish_group_and_ack_task,
-           one script call per group); the learner consumes in batches of --batch (read_groups:
+           one MULTI/EXEC per group); the learner consumes in batches of --batch (read_groups:
            XREADGROUP, decode, validate against the schema, the run, the vocabulary and the
            bounds) and acks each batch (ack_groups, retiring the tasks, then trimming).
   raw      redis-py XADD of byte strings of the same sizes, one per group, XREADGROUP in batches
            of --batch, XACK per batch.
+  codec    no Redis: lpreg_core.rollout.encode_group and decode_group (parse and validate) of
+           every group, the part of the project's path that raw has no counterpart for.
 
 The tasks are issued and read by the generator before the clock starts (both sides get the
 groups' payloads ready-made; neither times building them). The learner's check of each group
 against what it issued (services.learner) is not part of the transport and not timed here.
-groups_per_s and raw_groups_per_s are the best of --repeats (alternating sides, fresh streams
-each time); ratio = groups_per_s / raw_groups_per_s.
+groups_per_s, raw_groups_per_s and codec_groups_per_s are the best of --repeats (alternating
+sides, fresh streams each time); ratio = groups_per_s / raw_groups_per_s. The codec's time per
+group is a floor under the project's beyond raw's: ratio cannot exceed
+raw_s / (raw_s + codec_s), reported as codec_bound_ratio.
 
     .venv/bin/python benchmarks/bench_transport.py [--groups 200] [--repeats 3]
     .venv/bin/python benchmarks/bench_transport.py --smoke
@@ -41,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from lpreg_core.config import RedisConfig  # noqa: E402
-from lpreg_core.rollout import encode_group  # noqa: E402
+from lpreg_core.rollout import decode_group, encode_group  # noqa: E402
 from lpreg_core.wire.lpreg.v1 import rollout_pb2  # noqa: E402
 from services.transport.redis_streams import RedisStreams  # noqa: E402
 
@@ -188,6 +192,15 @@ def run_raw(url: str, key: str, payloads: list[bytes], batch: int) -> float:
         client.close()
 
 
+def run_codec(groups: list[rollout_pb2.RolloutGroup]) -> float:
+    """Seconds to encode every group and decode and validate it again, as the transport does."""
+    run_id = groups[0].run_id
+    start = time.perf_counter()
+    for group in groups:
+        decode_group(encode_group(group), max_bytes=1 << 30, vocab_size=VOCAB, run_id=run_id)
+    return time.perf_counter() - start
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,7 +218,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_transport_") as tmp:
         proc, url = start_redis(Path(tmp))
         try:
-            project_s, raw_s = [], []
+            project_s, raw_s, codec_s = [], [], []
             sizes: list[int] = []
             for r in range(args.repeats):
                 run_id = f"bench{r}"
@@ -217,6 +230,7 @@ def main() -> int:
                 raw_payloads = [rng.bytes(n) for n in sizes]
                 project_s.append(run_project(url, run_id, groups, args.batch))
                 raw_s.append(run_raw(url, f"raw{r}", raw_payloads, args.batch))
+                codec_s.append(run_codec(groups))
         finally:
             proc.terminate()
             proc.wait(timeout=10)
@@ -232,8 +246,11 @@ def main() -> int:
         "groups_per_s": groups_per_s,
         "raw_groups_per_s": raw_groups_per_s,
         "ratio": groups_per_s / raw_groups_per_s,
+        "codec_groups_per_s": args.groups / min(codec_s),
+        "codec_bound_ratio": min(raw_s) / (min(raw_s) + min(codec_s)),
         "project_all_s": project_s,
         "raw_all_s": raw_s,
+        "codec_all_s": codec_s,
         "load_average_1m": os.getloadavg()[0],
     }
     text = json.dumps(result)

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Final
 
 import numpy as np
@@ -189,6 +190,16 @@ def decode_task(
     return task
 
 
+def _values(field: Iterable[float], dtype: type[np.generic]) -> np.ndarray:
+    """A repeated scalar field's values as an array, in one call.
+
+    protobuf's upb containers hand their contents to numpy through ``__array__`` (a copy, no
+    per-element Python objects); with another implementation numpy reads the sequence. The
+    field's own type (uint32, float, uint64) is ``dtype``, so the values are exact.
+    """
+    return np.asarray(field, dtype=dtype)
+
+
 def _check_token_ids(ids: np.ndarray, vocab_size: int | None, what: str) -> None:
     if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
         raise InvalidEntry(
@@ -212,20 +223,23 @@ def _validate_completion(
             f"{what} has {num_tokens} tokens but {len(c.logprobs)} logprobs and "
             f"{len(c.versions)} versions",
         )
-    _check_token_ids(np.fromiter(c.token_ids, dtype=np.uint32, count=num_tokens), vocab_size, what)
-    logprobs = np.fromiter(c.logprobs, dtype=np.float64, count=num_tokens)
-    if not np.isfinite(logprobs).all():
-        raise InvalidEntry("validate", f"{what} has a non-finite logprob")
-    if float(logprobs.max()) > LOGPROB_POSITIVE_TOLERANCE:
-        raise InvalidEntry(
-            "validate", f"{what} has logprob {float(logprobs.max())} > 0 (not a log-probability)"
-        )
-    if float(logprobs.min()) < LOGPROB_FLOOR:
+    _check_token_ids(_values(c.token_ids, np.uint32), vocab_size, what)
+    logprobs = _values(c.logprobs, np.float32)
+    # One pass each for the extremes: a NaN makes both NaN (failing both bounds), an infinity
+    # fails one; the reason is then looked for in the order below.
+    lowest, highest = float(logprobs.min()), float(logprobs.max())
+    if not (lowest >= LOGPROB_FLOOR and highest <= LOGPROB_POSITIVE_TOLERANCE):
+        if not np.isfinite(logprobs).all():
+            raise InvalidEntry("validate", f"{what} has a non-finite logprob")
+        if highest > LOGPROB_POSITIVE_TOLERANCE:
+            raise InvalidEntry(
+                "validate", f"{what} has logprob {highest} > 0 (not a log-probability)"
+            )
         raise InvalidEntry(
             "validate",
-            f"{what} has logprob {float(logprobs.min())} < {LOGPROB_FLOOR} (not a sampled token)",
+            f"{what} has logprob {lowest} < {LOGPROB_FLOOR} (not a sampled token)",
         )
-    versions = np.fromiter(c.versions, dtype=np.uint64, count=num_tokens)
+    versions = _values(c.versions, np.uint64)
     if int(versions.max()) > MAX_VERSION:
         raise InvalidEntry(
             "validate", f"{what} has policy version {int(versions.max())} > {MAX_VERSION}"
@@ -297,11 +311,7 @@ def validate_group(
     num_tokens = num_prompt + sum(len(c.token_ids) for c in group.completions)
     if num_tokens > max_tokens:
         raise InvalidEntry("too_large", f"{what} has {num_tokens} tokens, limit {max_tokens}")
-    _check_token_ids(
-        np.fromiter(group.prompt_token_ids, dtype=np.uint32, count=num_prompt),
-        vocab_size,
-        f"{what} prompt",
-    )
+    _check_token_ids(_values(group.prompt_token_ids, np.uint32), vocab_size, f"{what} prompt")
     per_completion = max_tokens if max_completion_tokens is None else max_completion_tokens
     for i, completion in enumerate(group.completions):
         _validate_completion(completion, vocab_size, per_completion, f"{what} completion {i}")
@@ -349,7 +359,8 @@ def group_policy_versions(group: rollout_pb2.RolloutGroup) -> tuple[int, int]:
     for c in group.completions:
         if not c.versions:
             continue
-        c_lo, c_hi = min(c.versions), max(c.versions)
+        versions = _values(c.versions, np.uint64)
+        c_lo, c_hi = int(versions.min()), int(versions.max())
         lo = c_lo if lo is None else min(lo, c_lo)
         hi = c_hi if hi is None else max(hi, c_hi)
     if lo is None or hi is None:

@@ -285,8 +285,9 @@ class RedisConnection:
 
     def trim_acknowledged(self) -> dict[str, int]:
         """Delete entries of the prompt and rollout streams that every consumer group has acked;
-        returns how many were deleted per stream (approximate trimming: whole internal nodes
-        only, so recent acked entries may stay until a later call)."""
+        returns how many were deleted per stream. Trimming is exact (not ``~``): an internal node
+        that also holds a deleted entry (a publish that lost its task, see redis_streams) could
+        otherwise not be dropped until later entries were acked too."""
         return {
             "prompts": self._trim(self.prompts_key),
             "rollouts": self._trim(self.rollouts_key),
@@ -297,7 +298,7 @@ class RedisConnection:
             min_id = self._safe_min_id(key)
             if min_id is None:
                 return 0
-            return int(self._redis.xtrim(key, minid=min_id, approximate=True))
+            return int(self._redis.xtrim(key, minid=min_id, approximate=False))
 
         try:
             return self._call("trim", trim)

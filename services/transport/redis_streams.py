@@ -65,16 +65,39 @@ _BLOCK_MARGIN_MS = 1000
 
 # Publishing is conditional on the task still being pending, so that the first group for a task
 # wins: a task reclaimed from a slow generator and finished by two of them, or a publish retried
-# after its reply was lost, writes one group, not two. A script is atomic like MULTI/EXEC and,
-# unlike it, can branch on the XPENDING result.
+# after its reply was lost, writes one group, not two. The group is appended with a plain XADD and
+# this script runs right after it in the same MULTI/EXEC (atomic: nothing runs in between, so the
+# stream's newest entry is that group). The group's bytes never enter the script: handing a script
+# a 256 KiB argument costs more than the XADD itself. The script acks the task if it is still
+# pending. Otherwise (or when the task's consumer group is missing) it deletes the group again and
+# restores the stream's entries-added and max-deleted-entry-id counters, so that the consumer
+# group's lag (RedisConnection.undelivered) stays exact; a missing consumer group is returned as
+# the NOGROUP error (the groups are recreated and the publish retried). A failed XADD (the key is
+# not a stream) acks nothing.
 _PUBLISH_SCRIPT = """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #pending == 0 then
-  return false
+if redis.call('TYPE', KEYS[2])['ok'] ~= 'stream' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' is not a stream; nothing was published')
 end
-local id = redis.call('XADD', KEYS[2], '*', 'data', ARGV[3])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return id
+local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if pending['err'] == nil and #pending == 1 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[2])
+local stream = {}
+for i = 1, #info, 2 do
+  stream[info[i]] = info[i + 1]
+end
+local id = stream['last-generated-id']
+redis.call('XDEL', KEYS[2], id)
+if stream['entries-added'] then
+  redis.pcall('XSETID', KEYS[2], id, 'ENTRIESADDED', stream['entries-added'] - 1,
+              'MAXDELETEDID', stream['max-deleted-entry-id'])
+end
+if pending['err'] ~= nil then
+  return pending
+end
+return 0
 """
 
 
@@ -117,7 +140,6 @@ class RedisStreams(RedisConnection):
         self.max_tokens = max_tokens
         self.max_completion_tokens = max_completion_tokens
         self._max_block_ms = max(1, int(socket_timeout_s * 1000) - _BLOCK_MARGIN_MS)
-        self._publish = self._redis.register_script(_PUBLISH_SCRIPT)
         # Replay cursors: the first read of each stream re-reads this consumer's own pending
         # entries (id "0" onwards) before new ones; None once the replay is done.
         self._replay_tasks_after: str | None = "0"
@@ -425,16 +447,30 @@ class RedisStreams(RedisConnection):
         """Append ``group`` to the rollouts stream and ack its task, atomically.
 
         Returns the group's entry id, or None when the task was no longer pending (published
-        already, by this or another generator, or acked): nothing is written then.
+        already, by this or another generator, or acked): the group is then deleted again in the
+        same transaction, unseen by any reader, and the stream's counters are restored.
         """
         payload = encode_group(group)
-        entry_id = self._call(
-            "publish",
-            lambda: self._publish(
-                keys=[self.prompts_key, self.rollouts_key],
-                args=[TASK_GROUP, task_entry_id, payload],
-            ),
-        )
+
+        def publish() -> bytes | None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xadd(self.rollouts_key, {DATA_FIELD: payload})
+            # EVAL, not EVALSHA: a script cache flushed between load and EXEC must not leave the
+            # group written and the task pending.
+            pipe.eval(
+                _PUBLISH_SCRIPT, 2, self.prompts_key, self.rollouts_key, TASK_GROUP, task_entry_id
+            )
+            added, acked = pipe.execute(raise_on_error=False)
+            # Raised as Redis sent them (not annotated by the pipeline), so that _call knows
+            # NOGROUP. An XADD error with the task acked means a stream whose ids were exhausted
+            # by a hand-written entry: loud, since the task has left the queue.
+            if isinstance(acked, Exception):
+                raise acked
+            if isinstance(added, Exception):
+                raise added
+            return added if acked else None
+
+        entry_id = self._call("publish", publish)
         with self._lock:
             self._tasks_out.discard(task_entry_id)
         if entry_id is None:

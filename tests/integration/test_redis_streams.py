@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from lpreg_core.config import RedisConfig
 from lpreg_core.rollout import encode_group
@@ -103,6 +104,16 @@ def read_all_groups(streams: RedisStreams, expected: int) -> list[Any]:
     while len(out) < expected:
         out += streams.read_groups(count=expected - len(out), block_ms=50, vocab_size=VOCAB)
     return out
+
+
+def take_one_task(
+    redis_server: Any, make_streams: Callable[..., RedisStreams]
+) -> tuple[RedisStreams, RedisStreams, Any, redis.Redis]:
+    """A learner that issued task t0, the generator gen-0 holding its delivery, a raw client."""
+    learner, gen = make_streams("learner"), make_streams("gen-0")
+    learner.issue_tasks([make_task("t0")])
+    (task,) = gen.read_tasks(count=1, block_ms=50)
+    return learner, gen, task, redis_server.client()
 
 
 # -- a consumer in its own process, killed with SIGKILL ----------------------------------------------
@@ -274,13 +285,64 @@ def test_slow_generator_cannot_publish_a_reclaimed_task_twice(
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
-def test_own_tasks_in_progress_are_kept_not_handed_out_again(
+def test_a_publish_that_loses_leaves_no_trace(
     redis_server: Any, make_streams: Callable[..., RedisStreams]
 ) -> None:
     learner, gen = make_streams("learner"), make_streams("gen-0")
-    learner.issue_tasks([make_task("t0")])
-    (task,) = gen.read_tasks(count=1, block_ms=50)
+    learner.issue_tasks([make_task("t0"), make_task("t1")])
+    first, second = gen.read_tasks(count=2, block_ms=50)
+    assert gen.publish_group_and_ack_task(make_group(first.value), first.entry_id) is not None
+    assert [d.value.task_id for d in read_all_groups(learner, 1)] == ["t0"]
     raw = redis_server.client()
+    added_before = raw.xinfo_stream("lpreg:it:rollouts")["entries-added"]
+
+    # Another generator finished the task first.
+    raw.xack("lpreg:it:prompts", "generators", second.entry_id)
+    assert gen.publish_group_and_ack_task(make_group(second.value), second.entry_id) is None
+    stream = raw.xinfo_stream("lpreg:it:rollouts")
+    assert stream["length"] == 1 and stream["entries-added"] == added_before
+    assert learner.read_groups(count=10, block_ms=10, vocab_size=VOCAB) == []
+
+    # The learner's lag stays exact: the deleted group is not counted as undelivered for ever.
+    learner.issue_tasks([make_task("t2")])
+    (third,) = gen.read_tasks(count=1, block_ms=50)
+    assert gen.publish_group_and_ack_task(make_group(third.value), third.entry_id) is not None
+    assert [d.value.task_id for d in read_all_groups(learner, 1)] == ["t2"]
+    assert learner.undelivered()["rollouts"] == 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_publish_whose_task_group_vanished_writes_nothing(
+    redis_server: Any, make_streams: Callable[..., RedisStreams]
+) -> None:
+    learner, gen, task, raw = take_one_task(redis_server, make_streams)
+    raw.xgroup_destroy("lpreg:it:prompts", "generators")
+    # NOGROUP: the groups are recreated and the task, no longer pending, is not published.
+    assert gen.publish_group_and_ack_task(make_group(task.value), task.entry_id) is None
+    assert learner.stream_lengths()["rollouts"] == 0
+    assert [g["name"] for g in raw.xinfo_groups("lpreg:it:prompts")] == [b"generators"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_failed_append_leaves_the_task_pending(
+    redis_server: Any, make_streams: Callable[..., RedisStreams]
+) -> None:
+    learner, gen, task, raw = take_one_task(redis_server, make_streams)
+    raw.delete("lpreg:it:rollouts")
+    raw.set("lpreg:it:rollouts", b"not a stream")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        gen.publish_group_and_ack_task(make_group(task.value), task.entry_id)
+    assert raw.xpending("lpreg:it:prompts", "generators")["pending"] == 1
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_own_tasks_in_progress_are_kept_not_handed_out_again(
+    redis_server: Any, make_streams: Callable[..., RedisStreams]
+) -> None:
+    learner, gen, task, raw = take_one_task(redis_server, make_streams)
 
     def times_delivered() -> int:
         (entry,) = raw.xpending_range("lpreg:it:prompts", "generators", "-", "+", 1)

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from lpreg_core.config import ConfigError, LearnerConfig, load_config
 from lpreg_core.rollout import (
     LOGPROB_FLOOR,
+    LOGPROB_POSITIVE_TOLERANCE,
     MAX_ABS_REWARD,
     MAX_COMPLETIONS,
     MAX_NEW_TOKENS,
@@ -121,6 +122,29 @@ def test_extreme_but_valid_values_pass() -> None:
     got = decode(group)
     assert got.completions[0].versions[0] == MAX_VERSION
     assert got.completions[1].reward == -MAX_ABS_REWARD
+
+
+@pytest.mark.parametrize(
+    ("logprobs", "detail"),
+    [
+        ([-0.5, math.nan, -0.5], "non-finite logprob"),
+        ([-0.5, math.inf, -0.5], "non-finite logprob"),
+        ([-0.5, -math.inf, -0.5], "non-finite logprob"),
+        # A NaN is reported as such even beside a value out of bounds.
+        ([0.5, math.nan, -100.0], "non-finite logprob"),
+        ([-0.5, 0.5, -0.5], "logprob 0.5 > 0 (not a log-probability)"),
+        ([-0.5, 0.5, -100.0], "logprob 0.5 > 0"),
+        ([-0.5, -100.0, -0.5], f"logprob -100.0 < {LOGPROB_FLOOR} (not a sampled token)"),
+        # float32 rounds 1e-3 up: that value is above the tolerance in float64, as sent.
+        ([-0.5, float(np.float32(LOGPROB_POSITIVE_TOLERANCE)), -0.5], "> 0"),
+    ],
+)
+def test_a_bad_logprob_is_reported_for_its_completion(logprobs: list[float], detail: str) -> None:
+    group = make_group(completions=[completion(3), completion(3, logprobs=logprobs)])
+    with pytest.raises(InvalidEntry) as info:
+        decode(group)
+    assert info.value.reason == "validate"
+    assert "completion 1 has" in info.value.detail and detail in info.value.detail
 
 
 # -- prompt tasks -----------------------------------------------------------------------------
