@@ -512,7 +512,14 @@ def aggregate(runs_dir: Path, out_dir: Path, scale: Scale, tag: str, where: str)
         f"eval_pass_at_{scale.eval_samples}",
         "style_entropy_last",
     )
-    for other in ("lpreg", "lpreg_beta0", "lpreg_beta4", "entropy_bonus", "lpreg_async"):
+    for other in (
+        "lpreg",
+        "lpreg_beta0",
+        "lpreg_beta4",
+        "entropy_bonus",
+        "lpreg_async",
+        "lpreg_offpolicy",
+    ):
         if "grpo" in per_run and other in per_run:
             comparisons[f"{other}_minus_grpo"] = {
                 k: paired(per_run["grpo"], per_run[other], k) for k in keys_compared
