@@ -12,9 +12,11 @@ hands it out only in the JoinGroup event; ``tag`` derives from it):
 1. The learner draws the secret (``WeightSender.epoch_secret(e)``), sends each member its
    JoinGroup with it, and calls ``WeightSender.open_epoch(e, world_size, join_timeout_s)``; every
    member (``WeightReceiver.join``) announces ``joined/{rank}`` (sealed: it knows the secret and
-   claims that rank of that world size) and waits for ``members``.
+   claims that rank of that world size; it also offers the bucket MACs it can check) and waits
+   for ``members``.
 2. When all ranks 1..world_size-1 have announced with a value that opens and matches their
-   assignment, the learner writes ``members`` (the world size) and everyone builds the group over
+   assignment, the learner writes ``members`` (the world size, and the epoch's bucket MAC:
+   ``rendezvous.choose_mac`` of the offers) and everyone builds the group over
    ``pg/`` (Gloo's and NCCL's own rendezvous values are sealed as well). A forged announcement is
    ignored, so the rank stays missing. If some never announce, the learner writes ``aborted`` and
    raises ``MembersMissing`` (the waiting members see ``aborted`` and give up at once); the caller
@@ -59,6 +61,8 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions, ReduceOp, Work
 from torch._C._distributed_c10d import Backend as _C10dBackend
+
+from services.weight_sync.rendezvous import HMAC_SHA256, MAC_ALGORITHMS
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +195,35 @@ def _joined_key(rank: int) -> str:
     return f"joined/{rank}"
 
 
-def _joined_claim(epoch: int, rank: int, world_size: int, member: str) -> bytes:
-    """A member's announcement: the rank assignment it received in its JoinGroup, and who it is."""
-    claim = {"epoch": epoch, "rank": rank, "world_size": world_size, "member": member}
+def _joined_claim(
+    epoch: int, rank: int, world_size: int, member: str, macs: Sequence[str] = MAC_ALGORITHMS
+) -> bytes:
+    """A member's announcement: the rank assignment it received in its JoinGroup, who it is, and
+    the bucket MACs it can check."""
+    claim = {
+        "epoch": epoch,
+        "rank": rank,
+        "world_size": world_size,
+        "member": member,
+        "macs": list(macs),
+    }
     return json.dumps(claim, sort_keys=True).encode()
+
+
+def _claim_macs(claim: bytes) -> list[str]:
+    """The bucket MACs a (matching) claim offers."""
+    macs = json.loads(claim).get("macs", [])
+    return [str(m) for m in macs] if isinstance(macs, list) else []
+
+
+def _epoch_start(world_size: int, mac: str) -> str:
+    """The learner's ``members`` value: the epoch's world size and bucket MAC."""
+    return json.dumps({"world_size": world_size, "mac": mac})
+
+
+def _read_epoch_start(value: bytes) -> tuple[int, str]:
+    fields = json.loads(value)
+    return int(fields["world_size"]), str(fields["mac"])
 
 
 def _claim_member(claim: bytes, epoch: int, rank: int, world_size: int) -> str | None:
@@ -299,8 +328,10 @@ class _Group:
         world_size: int,
         backend: GroupBackend,
         device: torch.device,
+        mac: str = HMAC_SHA256,
     ) -> None:
         self._holder = [pg]
+        self.mac = mac  # the epoch's bucket MAC algorithm
         self.epoch = epoch
         self.rank = rank
         self.world_size = world_size

@@ -3,20 +3,21 @@ and how its bytes are authenticated.
 
 A bucket travels as broadcasts of at most ``WIRE_CHUNK_BYTES`` each, so a member can start
 authenticating the first part of a bucket while the rest is still arriving. After the last bucket
-the learner broadcasts the MAC of every bucket (``MAC_BYTES`` each, in bucket order; see
-``rendezvous.EpochKeys.bucket_mac``); every member compares them with its own and reports the
+the learner broadcasts the MAC of every bucket (``MAC_BYTES`` each, in bucket order, with the
+epoch's algorithm; see ``rendezvous.EpochKeys.bucket_mac``); every member compares them with its own and reports the
 result in the closing all-reduce.
 """
 
 from __future__ import annotations
 
-import hmac
 import threading
 import weakref
 from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from services.weight_sync.rendezvous import BucketMac
 
 # Large enough that a broadcast's fixed cost is noise, small enough that a member's hashing
 # trails the network by a fraction of a bucket.
@@ -40,7 +41,7 @@ def _host_empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.empty(numel, dtype=dtype, device=device)
 
 
-def feed(mac: hmac.HMAC, flat: torch.Tensor, allocate: Allocate = _host_empty) -> None:
+def feed(mac: BucketMac, flat: torch.Tensor, allocate: Allocate = _host_empty) -> None:
     """Feed the raw bytes of ``flat`` (any dtype, reinterpreted as bytes) to ``mac``.
 
     CPU tensors are hashed in place; device tensors through a host buffer of at most

@@ -41,6 +41,7 @@ from services.weight_sync.group import (
     _joined_key,
     _local_address_towards,
     _new_backend,
+    _read_epoch_start,
     check_receive_target,
 )
 from services.weight_sync.integrity import MAC_BYTES, BufferAccount, feed, wire_chunks
@@ -162,7 +163,9 @@ class BucketStream:
         self._next_bucket += 1
         bucket, flat = incoming.bucket, incoming.flat
         what = self._what(bucket.index)
-        mac = self._keys.bucket_mac(self.manifest.checksum, bucket.index, bucket.nbytes)
+        mac = self._keys.bucket_mac(
+            self.manifest.checksum, bucket.index, bucket.nbytes, self._group.mac
+        )
         hasher = self._receiver._hasher()
         for chunk, work in incoming.chunks:
             start = time.monotonic()
@@ -359,7 +362,7 @@ class WeightReceiver:
                         f"{context}: the learner did not start the epoch within {timeout_s:.1f}s"
                     )
                 time.sleep(min(JOIN_POLL_INTERVAL_S, deadline.remaining_s()))
-            members = int(members_value)
+            members, mac = _read_epoch_start(members_value)
         except dist.DistError as e:
             self._drop_store()
             raise BroadcastFailed(f"{context}: lost the learner's store: {e}") from e
@@ -380,7 +383,7 @@ class WeightReceiver:
             )
         except RuntimeError as e:
             raise BroadcastFailed(f"{context}: could not connect the {backend} group: {e}") from e
-        self._group = _Group(pg, epoch, rank, world_size, group_backend, group_device)
+        self._group = _Group(pg, epoch, rank, world_size, group_backend, group_device, mac)
         self._epoch_store = epoch_store
 
     def _connect_store(

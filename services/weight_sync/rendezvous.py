@@ -29,11 +29,30 @@ injected on the way are detected and reported, never taken for the published ver
 from __future__ import annotations
 
 import hmac
+import importlib
 import secrets
 import struct
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
+from types import ModuleType
+from typing import Protocol
 
 import torch.distributed as dist
+
+
+def _optional(module: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(module)
+    except ImportError:  # pragma: no cover - depends on the installation
+        return None
+
+
+# BLAKE3's keyed mode: a MAC several times faster than HMAC-SHA256 on one core, where installed.
+_blake3 = _optional("blake3")
+HMAC_SHA256 = "hmac-sha256"
+BLAKE3 = "blake3"
+MAC_ALGORITHMS: tuple[str, ...] = (BLAKE3, HMAC_SHA256) if _blake3 is not None else (HMAC_SHA256,)
+"""The bucket MACs this process can compute, preferred first; HMAC-SHA256 everywhere."""
 
 # 256 random bits per epoch; a secret shorter than 128 bits is refused.
 SECRET_BYTES = 32
@@ -43,6 +62,24 @@ _NONCE_BYTES = 16
 _TAG_BYTES = 32
 # Hex digits of the prefix tag: 128 bits, not guessable in advance.
 _PREFIX_TAG_CHARS = 32
+
+
+class BucketMac(Protocol):
+    """A MAC being computed: feed it bytes, then take the tag."""
+
+    def update(self, data: memoryview, /) -> object: ...
+
+    def digest(self) -> bytes: ...
+
+
+def choose_mac(offers: Iterable[Sequence[str]]) -> str:
+    """The epoch's bucket MAC: the first of ours that every member offers (a member that offers
+    none, of an older version, has HMAC-SHA256)."""
+    offers = [tuple(offer) or (HMAC_SHA256,) for offer in offers]
+    for algorithm in MAC_ALGORITHMS:
+        if all(algorithm in offer for offer in offers):
+            return algorithm
+    return HMAC_SHA256
 
 
 class SealError(RuntimeError):
@@ -79,16 +116,24 @@ class EpochKeys:
         self._mac_key = _derive(secret, epoch, b"mac")
         self._weights_key = _derive(secret, epoch, b"weights")
 
-    def bucket_mac(self, publish_id: str, index: int, nbytes: int) -> hmac.HMAC:
-        """The MAC (HMAC-SHA256) of one bucket of a publish, bytes still to be fed.
+    def bucket_mac(
+        self, publish_id: str, index: int, nbytes: int, algorithm: str = HMAC_SHA256
+    ) -> BucketMac:
+        """The MAC of one bucket of a publish, bytes still to be fed (``update``).
 
-        Bound to the epoch (its own key), the publish (``publish_id``, the manifest's
-        ``checksum``), the bucket's index and its size: a bucket forged, altered, replayed from
-        another publish or moved to another index does not authenticate.
+        Keyed by the epoch (its own key) and bound to the publish (``publish_id``, the
+        manifest's ``checksum``), the bucket's index and its size: a bucket forged, altered,
+        replayed from another publish or moved to another index does not authenticate.
+        ``algorithm`` is the epoch's (``choose_mac``): HMAC-SHA256 or BLAKE3's keyed mode.
         """
         name = publish_id.encode()
         header = struct.pack(">I", len(name)) + name + struct.pack(">QQ", index, nbytes)
-        return hmac.new(self._weights_key, header, "sha256")
+        if algorithm == HMAC_SHA256:
+            return hmac.new(self._weights_key, header, "sha256")
+        if algorithm == BLAKE3 and _blake3 is not None:
+            mac: BucketMac = _blake3.blake3(header, key=self._weights_key)
+            return mac
+        raise ValueError(f"bucket MAC {algorithm!r} is not available here (have {MAC_ALGORITHMS})")
 
     def _keystream(self, nonce: bytes, size: int) -> bytes:
         # HMAC-SHA256 as a PRF in counter mode: a stream cipher from the standard library.

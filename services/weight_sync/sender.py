@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import socket
@@ -29,8 +28,10 @@ from services.weight_sync.group import (
     ChecksumMismatch,
     GroupBackend,
     MembersMissing,
+    _claim_macs,
     _claim_member,
     _Deadline,
+    _epoch_start,
     _Group,
     _is_wildcard,
     _joined_key,
@@ -38,7 +39,13 @@ from services.weight_sync.group import (
     resolve_backend,
 )
 from services.weight_sync.integrity import feed, wire_chunks
-from services.weight_sync.rendezvous import EpochKeys, SealedStore, new_secret
+from services.weight_sync.rendezvous import (
+    BucketMac,
+    EpochKeys,
+    SealedStore,
+    choose_mac,
+    new_secret,
+)
 
 if TYPE_CHECKING:
     from lpreg_core.config import BroadcastConfig
@@ -174,6 +181,7 @@ class WeightSender:
         epoch_store = self._epoch_store = SealedStore.for_epoch(store, keys)
         self._sweep(store, keys.prefix)
         pending = {rank: _joined_key(rank) for rank in range(1, world_size)}
+        offers: list[list[str]] = []
         forged: set[int] = set()
         while True:
             for rank, key in list(pending.items()):
@@ -181,7 +189,7 @@ class WeightSender:
                     continue
                 claim = epoch_store.read_sealed(key)
                 member = None if claim is None else _claim_member(claim, epoch, rank, world_size)
-                if member is None:
+                if claim is None or member is None:
                     if rank not in forged:
                         forged.add(rank)
                         log.warning(
@@ -192,6 +200,7 @@ class WeightSender:
                         )
                     continue
                 log.debug("epoch %d: rank %d is %s", epoch, rank, member)
+                offers.append(_claim_macs(claim))
                 del pending[rank]
             if not pending:
                 break
@@ -200,7 +209,8 @@ class WeightSender:
                 epoch_store.set(_ABORTED_KEY, str(missing))
                 raise missing
             time.sleep(min(JOIN_POLL_INTERVAL_S, deadline.remaining_s()))
-        epoch_store.set(_MEMBERS_KEY, str(world_size))
+        mac = choose_mac(offers)
+        epoch_store.set(_MEMBERS_KEY, _epoch_start(world_size, mac))
         try:
             pg = _new_backend(
                 epoch_store.child("pg"),
@@ -217,8 +227,14 @@ class WeightSender:
             )
             epoch_store.set(_ABORTED_KEY, message)
             raise BroadcastFailed(message) from e
-        self._group = _Group(pg, epoch, 0, world_size, self.backend, self.device)
-        log.info("epoch %d open: %s group of %d", epoch, self.backend, world_size)
+        self._group = _Group(pg, epoch, 0, world_size, self.backend, self.device, mac)
+        log.info(
+            "epoch %d open: %s group of %d, buckets authenticated with %s",
+            epoch,
+            self.backend,
+            world_size,
+            mac,
+        )
 
     def _sweep(self, store: dist.TCPStore, prefix: str) -> None:
         """Delete every key but those of this epoch and the previous one (members of the previous
@@ -323,7 +339,8 @@ class WeightSender:
                 device = flat.device
                 what = f"broadcast of bucket {index}/{num_buckets}"
                 works = [group.start_broadcast(c, deadline, what) for c in wire_chunks(flat)]
-                mac = keys.bucket_mac(publish_id, index, flat.numel() * flat.element_size())
+                nbytes = flat.numel() * flat.element_size()
+                mac = keys.bucket_mac(publish_id, index, nbytes, group.mac)
                 digest = macs[index] = hasher.submit(_digest, mac, flat)
                 in_flight.append(_InFlight(what, flat, works, digest))
                 del flat
@@ -410,6 +427,6 @@ class _InFlight:
     mac: Future[bytes]
 
 
-def _digest(mac: hmac.HMAC, flat: torch.Tensor) -> bytes:
+def _digest(mac: BucketMac, flat: torch.Tensor) -> bytes:
     feed(mac, flat)
     return mac.digest()

@@ -4,8 +4,10 @@ driven over stdin/stdout. Failures are real: members are SIGKILLed or SIGSTOPped
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +34,7 @@ from services.weight_sync import (
     WeightSender,
 )
 from services.weight_sync.group import _Group
+from services.weight_sync.rendezvous import HMAC_SHA256, MAC_ALGORITHMS
 
 pytestmark = pytest.mark.integration
 
@@ -297,6 +300,8 @@ def test_the_learner_gathers_each_bucket_only_while_the_one_before_is_on_the_wir
     # One broadcast per bucket (they are smaller than a wire chunk), each started as soon as its
     # second tensor was gathered; the MACs follow the last.
     assert gathered_when_sent == [2, 4, 6, 8, 10, 12, 12]
+    # Every member offered every MAC this installation has: the epoch uses the fastest.
+    assert sender._group is not None and sender._group.mac == MAC_ALGORITHMS[0]
     # Bucket k (tensors 2k, 2k + 1) is gathered only after bucket k - 2 was sent.
     assert all(sent >= i // 2 - 1 for i, sent in enumerate(sent_when_gathered))
     assert sent_when_gathered[4] >= 1 and sent_when_gathered[-1] >= 4
@@ -328,6 +333,46 @@ def test_a_checksum_mismatch_is_reported_on_both_sides_and_the_epoch_stays_usabl
     assert member.reply()["error"] == "ChecksumMismatch"
     assert sender.epoch == 1
     publish(sender, version=2, members=[member])
+
+
+@pytest.mark.timeout(60)
+def test_a_member_without_blake3_gets_an_epoch_authenticated_with_hmac_sha256(
+    sender: WeightSender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The epoch's bucket MAC is one every member can check: a member that offers only
+    HMAC-SHA256 (no blake3 installed) is not locked out, and its bytes are still verified."""
+    import services.weight_sync.receiver as receiver_module
+
+    offer_hmac_only = functools.partial(receiver_module._joined_claim, macs=[HMAC_SHA256])
+    monkeypatch.setattr(receiver_module, "_joined_claim", offer_hmac_only)
+    weights = make_weights(seed=3)
+    manifest = plan_manifest(3, layout_of(weights.items()), BUCKET_BYTES)
+    with WeightReceiver() as receiver, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        secret = sender.epoch_secret(1)
+        joining = pool.submit(
+            receiver.join, 1, 1, 2, "127.0.0.1", sender.port, "gloo", JOIN_TIMEOUT_S, secret=secret
+        )
+        sender.open_epoch(1, 2, JOIN_TIMEOUT_S)
+        joining.result(timeout=JOIN_TIMEOUT_S)
+
+        def receive() -> dict[str, torch.Tensor]:
+            with receiver.receive_buckets(manifest, "cpu", SEND_TIMEOUT_S) as stream:
+                return {name: tensor.clone() for name, tensor in stream}
+
+        receiving = pool.submit(receive)
+        sender.send_weights(manifest, weights.items(), SEND_TIMEOUT_S)
+        received = receiving.result(timeout=SEND_TIMEOUT_S)
+        assert sender._group is not None and sender._group.mac == HMAC_SHA256
+        assert expected_digests(received) == expected_digests(weights)
+
+        forged = dataclasses.replace(manifest, checksum="0" * 64)
+        receiving = pool.submit(lambda: receiver.receive_buckets(forged, "cpu", SEND_TIMEOUT_S))
+        stream = receiving.result(timeout=SEND_TIMEOUT_S)
+        draining = pool.submit(stream.close)
+        with pytest.raises(ChecksumMismatch):
+            sender.send_weights(manifest, weights.items(), SEND_TIMEOUT_S)
+        draining.result(timeout=SEND_TIMEOUT_S)
+        assert isinstance(stream.error, ChecksumMismatch)
 
 
 @pytest.mark.timeout(30)

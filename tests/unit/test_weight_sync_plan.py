@@ -18,8 +18,14 @@ from lpreg_core.weights import (
     unpack_all,
     validate_manifest,
 )
-from services.weight_sync.integrity import BufferAccount, feed, wire_chunks
-from services.weight_sync.rendezvous import EpochKeys, new_secret
+from services.weight_sync.integrity import MAC_BYTES, BufferAccount, feed, wire_chunks
+from services.weight_sync.rendezvous import (
+    HMAC_SHA256,
+    MAC_ALGORITHMS,
+    EpochKeys,
+    choose_mac,
+    new_secret,
+)
 
 BUCKET_BYTES = 4096
 
@@ -140,17 +146,18 @@ def test_the_lazy_plan_sends_what_build_manifest_packs() -> None:
         assert torch.equal(tensor, packed_views[name]), name
 
 
-def mac(keys: EpochKeys, publish: str, index: int, data: torch.Tensor) -> bytes:
-    digest = keys.bucket_mac(publish, index, data.numel() * data.element_size())
-    feed(digest, data)
-    return digest.digest()
+@pytest.mark.parametrize("algorithm", MAC_ALGORITHMS)
+def test_a_bucket_mac_binds_the_epoch_secret_publish_index_and_every_bit(algorithm: str) -> None:
+    def mac(keys: EpochKeys, publish: str, index: int, data: torch.Tensor) -> bytes:
+        digest = keys.bucket_mac(publish, index, data.numel() * data.element_size(), algorithm)
+        feed(digest, data)
+        return digest.digest()
 
-
-def test_a_bucket_mac_binds_the_epoch_secret_publish_index_and_every_bit() -> None:
     secret = new_secret()
     keys = EpochKeys(secret, 1)
     data = torch.randn(1000)
     good = mac(keys, "p", 0, data)
+    assert len(good) == MAC_BYTES
     assert mac(EpochKeys(secret, 1), "p", 0, data) == good
     flipped = data.clone()
     flipped.view(torch.uint8)[1234] ^= 1
@@ -163,6 +170,16 @@ def test_a_bucket_mac_binds_the_epoch_secret_publish_index_and_every_bit() -> No
         mac(keys, "p", 0, data[:-1]),
     ]
     assert good not in others and len(set(others)) == len(others)
+
+
+def test_the_epoch_uses_the_fastest_mac_every_member_can_check() -> None:
+    assert choose_mac([MAC_ALGORITHMS, MAC_ALGORITHMS]) == MAC_ALGORITHMS[0]
+    # One member without BLAKE3 (or of a version that offers nothing): HMAC-SHA256 for all.
+    assert choose_mac([MAC_ALGORITHMS, [HMAC_SHA256]]) == HMAC_SHA256
+    assert choose_mac([MAC_ALGORITHMS, []]) == HMAC_SHA256
+    assert choose_mac([["something-else"]]) == HMAC_SHA256
+    with pytest.raises(ValueError, match="not available"):
+        EpochKeys(new_secret(), 1).bucket_mac("p", 0, 0, "md5")
 
 
 def test_wire_chunks_cover_a_bucket_in_order() -> None:
