@@ -1,7 +1,8 @@
 """Attacks on a real local deployment (redis-server, learner, two generators, gRPC, Gloo); prints
 one JSON object with, per attack, whether the deployment ``held`` and why.
 
-    python benchmarks/redteam.py [--chaos-steps 100] [--chaos-kills 10] [--out redteam.json]
+    python benchmarks/redteam.py [--chaos-steps 100] [--chaos-kills 10] [--chaos-tail-steps 100]
+                                 [--out redteam.json]
 
 Attacks (numbered as in the hostile-input review):
   1  rendezvous: a process without credentials dials the learner's TCPStore, forges rank
@@ -13,8 +14,10 @@ Attacks (numbered as in the hostile-input review):
   5  redis-server stopped for 20 s mid-run, then started again on its port and data.
   6  600 half-open gRPC calls without a token while training runs.
 Then the chaos schedule (benchmarks/chaos.py's faults) with --chaos-kills learner kill -9 /
---resume cycles, reporting ``wasted_fraction``: generated tokens never trained over all generated
-ones (goal <= 0.05).
+--resume cycles spread over --chaos-steps steps, and --chaos-tail-steps more steps without faults.
+``wasted_fraction``: generated tokens never trained over all generated ones in the last 100 steps
+(goal <= 0.05: restarts leave no lasting waste); ``wasted_fraction_during_faults`` and
+``wasted_fraction_run`` give the same ratio over the faulted steps and over the whole run.
 
 An attack "held" when the deployment refused it (dead-lettered, refused, or rode through) and the
 run still finished with every service up; the reason says what was observed either way.
@@ -571,13 +574,39 @@ def run_outage(base: Path) -> dict[str, Any]:
     )
 
 
-def run_chaos(base: Path, steps: int, kills: int) -> dict[str, Any]:
+def window_waste(rows: list[dict[str, Any]], first: int, last: int) -> dict[str, Any]:
+    """Tokens trained and wasted in steps first..last (inclusive), from the learner's running
+    totals; a step logged twice (replayed after a resume) counts as its last record."""
+    by_step = {int(r["step"]): r for r in rows if "tokens_wasted_total" in r}
+    if last not in by_step or (first > 1 and first - 1 not in by_step):
+        return {"steps": [first, last], "wasted_fraction": None, "why": "steps not logged"}
+
+    def totals(step: int) -> tuple[int, int]:
+        if step < 1:
+            return 0, 0
+        r = by_step[step]
+        return int(r["tokens_trained_total"]), int(r["tokens_wasted_total"])
+
+    t1, w1 = totals(last)
+    t0, w0 = totals(first - 1)
+    trained, wasted = t1 - t0, w1 - w0
+    return {
+        "steps": [first, last],
+        "tokens_trained": trained,
+        "tokens_wasted": wasted,
+        "wasted_fraction": round(wasted / max(1, trained + wasted), 4),
+    }
+
+
+def run_chaos(base: Path, steps: int, kills: int, tail: int) -> dict[str, Any]:
     """chaos.py's faults (generator kills, a new generator, a Redis restart) plus ``kills``
-    learner kill -9 / --resume cycles spread over the run."""
+    learner kill -9 / --resume cycles spread over ``steps`` steps, then ``tail`` steps without
+    faults."""
+    total = steps + tail
     d = Deployment(
         base / "chaos",
         [
-            f"learner.steps={steps}",
+            f"learner.steps={total}",
             "learner.prompts_per_step=4",
             "learner.checkpoint.every_steps=3",
         ],
@@ -605,7 +634,7 @@ def run_chaos(base: Path, steps: int, kills: int) -> dict[str, Any]:
             action()
             events.append({"after_step": step, "fault": what})
             log(f"chaos: after step {step}: {what}")
-        code, summary = d.finish(STEP_TIMEOUT_S + 10 * steps)
+        code, summary = d.finish(STEP_TIMEOUT_S + 10 * total)
     except (TimeoutError, RuntimeError) as e:
         log(f"chaos: stalled: {e}")
         try:
@@ -615,27 +644,29 @@ def run_chaos(base: Path, steps: int, kills: int) -> dict[str, Any]:
     finally:
         d.stop()
     rows = read_metrics(c.run_dir)
-    last = [r for r in rows if int(r["step"]) > max(0, steps - 100)]  # type: ignore[call-overload]
+    last = window_waste(rows, max(1, total - 99), total)
     return {
-        "steps": steps,
+        "steps": total,
+        "faulted_steps": steps,
+        "tail_steps": tail,
         "learner_kills": kills,
         "learner_exit": code,
         "steps_completed": summary.get("steps"),
         "prompts_unaccounted": summary.get("prompts_unaccounted"),
         "tokens_trained": summary.get("tokens_trained"),
         "tokens_wasted": summary.get("tokens_wasted"),
-        # The learner's counters survive resumes (checkpoint + ledger), so this covers the whole
-        # run: the last min(steps, 100) steps when steps <= 100.
-        "wasted_fraction": summary.get("wasted_fraction"),
-        "wasted_fraction_window_steps": min(steps, 100) if steps <= 100 else steps,
+        "wasted_fraction": last["wasted_fraction"],
+        "wasted_fraction_window": last,
         "wasted_fraction_goal": 0.05,
+        "wasted_fraction_during_faults": window_waste(rows, 1, steps)["wasted_fraction"],
+        # The learner's counters survive resumes (checkpoint + ledger): the whole run.
+        "wasted_fraction_run": summary.get("wasted_fraction"),
         "held": bool(
             code == 0
             and summary.get("prompts_unaccounted") == 0
-            and summary.get("wasted_fraction") is not None
-            and summary["wasted_fraction"] <= 0.05
+            and last["wasted_fraction"] is not None
+            and last["wasted_fraction"] <= 0.05
         ),
-        "trained_token_steps_logged": len(last),
         "faults": events,
         "stall": stall,
         "wall_s": round(time.monotonic() - start, 1),
@@ -701,6 +732,9 @@ def main() -> int:
     )
     parser.add_argument("--chaos-steps", type=int, default=100, help="steps of the chaos run")
     parser.add_argument("--chaos-kills", type=int, default=10, help="learner kill/resume cycles")
+    parser.add_argument(
+        "--chaos-tail-steps", type=int, default=100, help="steps after the last fault"
+    )
     parser.add_argument("--skip-chaos", action="store_true", help="only the attacks")
     parser.add_argument("--skip-attacks", action="store_true", help="only the chaos run")
     parser.add_argument("--run-dir", type=Path, default=None, help="keep the runs here")
@@ -716,9 +750,13 @@ def main() -> int:
         attacks["5_redis_stopped_20s"] = guarded("outage run", lambda: run_outage(base))
     report: dict[str, Any] = {"attacks": attacks}
     if not args.skip_chaos:
-        log(f"chaos: {args.chaos_steps} steps, {args.chaos_kills} learner kills")
+        log(
+            f"chaos: {args.chaos_steps} steps with {args.chaos_kills} learner kills, then "
+            f"{args.chaos_tail_steps} steps"
+        )
         report["chaos"] = guarded(
-            "chaos run", lambda: run_chaos(base, args.chaos_steps, args.chaos_kills)
+            "chaos run",
+            lambda: run_chaos(base, args.chaos_steps, args.chaos_kills, args.chaos_tail_steps),
         )
     report["all_held"] = (
         all(a["held"] for a in attacks.values()) and report.get("chaos", {"held": True})["held"]

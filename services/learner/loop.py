@@ -385,6 +385,10 @@ class LearnerLoop:
             **{k: float(f"{v:.6g}") for k, v in stats.items()},
             "staleness_mean": sum(s.version - 1 - v for v in oldest) / max(1, len(oldest)),
             "groups_dropped_stale": s.counters["groups_dropped_stale"],
+            # Running totals (they survive resumes): waste over any window of steps is the
+            # difference of two rows.
+            "tokens_trained_total": s.counters.get("tokens_trained", 0),
+            "tokens_wasted_total": s.counters.get("tokens_wasted", 0),
             "wait_s": round(waited_s, 4),
             "train_s": round(train_s, 4),
             "publish_s": round(publish_s, 4),
