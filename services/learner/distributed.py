@@ -62,8 +62,10 @@ from lpreg_core.loss import ProxyFilter
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
 from services.learner.checkpoint import ShardedCheckpointer
 from services.learner.trainer import (
+    Selection,
     StepBatch,
     Trainer,
+    _accumulate,
     _concat,
     _split,
     _step_record,
@@ -291,16 +293,14 @@ class DistributedTrainer(Trainer):
             for _ in range(_num_micro(step_plan, size) - len(parts)):
                 spare = self._token_stats(filler, slice(0, 1), proxy_filter)
         proximal, entropy, proxy = self._gather_stats(parts, spare, step_plan, num)
-        weights, mask, reg_mask, totals = self._select(batch, proximal, proxy)
+        sel, totals = self._select(batch, proximal, proxy)
         lr = float(self.scheduler.get_last_lr()[0])
         updates = [
-            self._sharded_update(
-                batch, mini, part, filler, proximal, proxy, mask, reg_mask, weights
-            )
+            self._sharded_update(batch, mini, part, filler, sel)
             for _epoch in range(self.config.update_epochs)
             for mini, part in zip(minis, plan, strict=True)
         ]
-        return _step_record(batch, proximal, entropy, mask, weights, totals, updates, lr)
+        return _step_record(batch, entropy, sel, totals, updates, lr)
 
     def _single_pass_step(self, batch: StepBatch) -> dict[str, float]:
         """Trainer._single_pass_step over the ranks: each rank's rows forward with grad, the
@@ -327,30 +327,14 @@ class DistributedTrainer(Trainer):
                 loss, spare = self._filler_pass(filler, proxy_filter)
             loss.backward()
         proximal, entropy, proxy = self._gather_stats(parts, spare, plan, num)
-        weights, mask, reg_mask, totals = self._select(batch, proximal, proxy)
-        num_tokens = self._num_tokens(mask)
+        sel, totals = self._select(batch, proximal, proxy)
+        num_tokens = self._num_tokens(sel.mask)
         self._renormalise_gradients(provisional, num_tokens)
         index = torch.tensor(plan[rank], dtype=torch.long, device=self.device)
-
-        def local(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[index]
-
-        l_proximal, l_entropy, l_mask = local(proximal), local(entropy), local(mask)
-        assert l_proximal is not None and l_entropy is not None and l_mask is not None
         sums = self._recorded_metrics(
-            mine,
-            self._micro_batches(len(plan[rank])),
-            l_proximal,
-            l_entropy,
-            local(proxy),
-            l_mask,
-            local(reg_mask),
-            local(weights),
-            num_tokens,
+            self._micro_batches(len(plan[rank])), entropy[index], sel[index], num_tokens
         )
-        coefficients = self._pull_coefficients(
-            batch, proximal, entropy, proxy, mask, reg_mask, weights, num_tokens
-        )
+        coefficients = self._pull_coefficients(entropy, sel, num_tokens)
         if coefficients is not None:
             held = coefficients.ne(0).any(-1).tolist()
             pulled = [[r for r in rows if held[r]] for rows in plan]
@@ -364,7 +348,7 @@ class DistributedTrainer(Trainer):
                 loss.backward()
         update = self._sum_over_ranks(sums)
         update["grad_norm"] = self._apply_gradients()
-        return _step_record(batch, proximal, entropy, mask, weights, totals, [update], lr)
+        return _step_record(batch, entropy, sel, totals, [update], lr)
 
     def _sharded_update(
         self,
@@ -372,49 +356,25 @@ class DistributedTrainer(Trainer):
         mini: slice,
         plan: list[list[int]],
         filler: StepBatch,
-        proximal: Tensor,
-        proxy: Tensor | None,
-        mask: Tensor,
-        reg_mask: Tensor | None,
-        weights: Tensor | None,
+        sel: Selection,
     ) -> dict[str, float]:
         """One optimiser update on this rank's rows of ``mini``; the denominator is the whole
         mini-batch's, the metrics are summed over ranks."""
-        num_tokens = self._num_tokens(mask[mini])
+        num_tokens = self._num_tokens(sel.mask[mini])
         rows = plan[self.ctx.rank]
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
         mine = take_rows(batch, rows)
-
-        def local(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[index]
-
-        l_proximal, l_mask = local(proximal), local(mask)
-        assert l_proximal is not None and l_mask is not None
+        local = sel[torch.tensor(rows, dtype=torch.long, device=self.device)]
         size = self.config.micro_batch_sequences
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, Tensor] = {}
         for at in self._micro_slices(len(rows), _num_micro(plan, size), size):
             if at.stop > at.start:
                 log_probs, ent, _ = self._token_stats(mine, at, None)
-                loss, metrics = self._micro_loss(
-                    at,
-                    log_probs,
-                    ent,
-                    mine.advantages,
-                    l_proximal,
-                    local(proxy),
-                    l_mask,
-                    local(reg_mask),
-                    local(weights),
-                    num_tokens,
-                )
+                loss, metrics = self._micro_loss(log_probs, ent, local[at], num_tokens)
+                _accumulate(sums, loss, metrics)
             else:
                 loss, _ = self._filler_pass(filler)
-                metrics = {}
             loss.backward()
-            for k, v in {"loss": loss, **metrics}.items():
-                value = v.detach().to(torch.float64)
-                sums[k] = sums[k] + value if k in sums else value
         totals = self._sum_over_ranks(sums)
         totals["grad_norm"] = self._apply_gradients()
         return totals

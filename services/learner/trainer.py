@@ -17,7 +17,12 @@ correction keeps. Two ways to get it:
   per-token coefficient (the derivative of l_t with minus without t in R, at the recorded values)
   on grad log pi(o_t) of the regularised tokens alone, applied by a forward + backward over the
   sequences that hold them, each cut after its last regularised token (causal attention: nothing
-  later reaches it). Exact: losses, metrics and parameters equal the two-pass path's to rounding.
+  later reaches it). Exact: losses, metrics and parameters equal the two-pass path's to rounding
+  (1e-10 relative in float64; where the model rounds inside, as Qwen2's RMSNorm does to float32
+  even in a float64 model, gradients summed in another order agree to that rounding).
+  That pass costs a forward + backward of those prefixes, less than the statistics pass it
+  replaces while they hold under about a third of the step's tokens (the min-p proxy leaves
+  most of the lowest-probability tokens out of R; with none regularised it does not run).
 - several updates: a no-grad pass over every micro-batch first (step-start log-probs, the proxy,
   entropy), the selection from it, then each update forward + backward with the mini-batch's
   token count as denominator, so the gradient equals that of one big batch.
@@ -148,12 +153,35 @@ def _importance_stats(weights: Tensor | None, valid: Tensor, kept: Tensor) -> di
     }
 
 
+@dataclass
+class Selection:
+    """What the loss of a step's tokens reads besides their current statistics, each (rows, C):
+    advantages, the proximal (step-start) log-probs, the proxy's, the mask after off-policy
+    masking, Lp-Reg's regularised set when ranked over the step, the importance weights."""
+
+    advantages: Tensor
+    proximal: Tensor
+    proxy: Tensor | None
+    mask: Tensor
+    reg_mask: Tensor | None
+    weights: Tensor | None
+
+    def __getitem__(self, rows: slice | Tensor) -> Selection:
+        """The selection of ``rows`` (a slice or an index tensor)."""
+        return Selection(
+            self.advantages[rows],
+            self.proximal[rows],
+            None if self.proxy is None else self.proxy[rows],
+            self.mask[rows],
+            None if self.reg_mask is None else self.reg_mask[rows],
+            None if self.weights is None else self.weights[rows],
+        )
+
+
 def _step_record(
     batch: StepBatch,
-    proximal: Tensor,
     entropy: Tensor,
-    mask: Tensor,
-    weights: Tensor | None,
+    sel: Selection,
     totals: dict[str, float],
     updates: list[dict[str, float]],
     lr: float,
@@ -164,9 +192,9 @@ def _step_record(
     out = dict(totals)
     for k in {k for u in updates for k in u} - {"loss", "grad_norm"}:
         out[k] = sum(u.get(k, 0.0) for u in updates) / n
-    out.update(_importance_stats(weights, batch.mask, mask))
+    out.update(_importance_stats(sel.weights, batch.mask, sel.mask))
     valid = batch.mask.bool()
-    gap = (proximal - batch.behaviour_log_probs)[valid]
+    gap = (sel.proximal - batch.behaviour_log_probs)[valid]
     return {
         **out,
         "loss": sum(u["loss"] for u in updates) / n,
@@ -349,31 +377,20 @@ class Trainer:
         return float(mask.sum())
 
     def _micro_loss(
-        self,
-        rows: slice,
-        log_probs: Tensor,
-        entropy: Tensor,
-        advantages: Tensor,
-        proximal: Tensor,
-        proxy: Tensor | None,
-        mask: Tensor,
-        reg_mask: Tensor | None,
-        weights: Tensor | None,
-        num_tokens: float,
+        self, log_probs: Tensor, entropy: Tensor, sel: Selection, num_tokens: float
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """policy_loss of the micro-batch ``rows``: log_probs and entropy are its own (rows, C)
-        statistics, the other tensors are the step's (or the rank's), indexed by ``rows``."""
+        """policy_loss of some rows: their own statistics (log_probs, entropy) and selection."""
         lp = self.loss_config
         return policy_loss(
             log_probs,
-            proximal[rows],
-            None if proxy is None else proxy[rows],
-            advantages[rows],
-            mask[rows],
+            sel.proximal,
+            sel.proxy,
+            sel.advantages,
+            sel.mask,
             config=lp,
             num_tokens=num_tokens,
-            reg_mask=None if reg_mask is None else reg_mask[rows],
-            behaviour_weights=None if weights is None else weights[rows],
+            reg_mask=sel.reg_mask,
+            behaviour_weights=sel.weights,
             entropy=entropy if lp.needs_entropy_grad else None,
         )
 
@@ -386,47 +403,28 @@ class Trainer:
         self.scheduler.step()
         return float(norm)
 
-    def _update(
-        self,
-        batch: StepBatch,
-        mini: slice,
-        proximal: Tensor,
-        proxy: Tensor | None,
-        mask: Tensor,
-        reg_mask: Tensor | None,
-        weights: Tensor | None,
-    ) -> dict[str, float]:
+    def _update(self, batch: StepBatch, mini: slice, sel: Selection) -> dict[str, float]:
         """One optimiser update on the sequences in ``mini``, micro-batch by micro-batch; the
         loss is normalised by the mini-batch's tokens, so micro-batching changes nothing."""
-        num_tokens = self._num_tokens(mask[mini])
+        num_tokens = self._num_tokens(sel.mask[mini])
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {"loss": 0.0}
+        sums: dict[str, Tensor] = {}
         for micro in self._micro_batches(mini.stop - mini.start):
             rows = slice(mini.start + micro.start, mini.start + micro.stop)
             log_probs, ent, _ = self._token_stats(batch, rows, None)
-            loss, metrics = self._micro_loss(
-                rows,
-                log_probs,
-                ent,
-                batch.advantages,
-                proximal,
-                proxy,
-                mask,
-                reg_mask,
-                weights,
-                num_tokens,
-            )
+            loss, metrics = self._micro_loss(log_probs, ent, sel[rows], num_tokens)
             loss.backward()
-            _add_metrics(totals, loss, metrics)
+            _accumulate(sums, loss, metrics)
+        totals = {k: float(v) for k, v in sums.items()}
         totals["grad_norm"] = self._apply_gradients()
         return totals
 
     def _select(
         self, batch: StepBatch, proximal: Tensor, proxy: Tensor | None
-    ) -> tuple[Tensor | None, Tensor, Tensor | None, dict[str, float]]:
+    ) -> tuple[Selection, dict[str, float]]:
         """From the step-start statistics of the whole step: the off-policy importance weights
         and mask, and Lp-Reg's regularised set ranked over the whole step."""
-        weights, mask = self._behaviour_weights(batch, slice(None), proximal)
+        weights, mask = self._importance_weights(batch, slice(None), proximal)
         reg_mask = None
         totals: dict[str, float] = {}
         ranking = self.loss_config.step_ranking
@@ -441,9 +439,9 @@ class Trainer:
                 rho_pos=ranking.rho_pos,
             )
             totals["num_candidates"] = float(candidates.sum())
-        return weights, mask, reg_mask, totals
+        return Selection(batch.advantages, proximal, proxy, mask, reg_mask, weights), totals
 
-    def _behaviour_weights(
+    def _importance_weights(
         self, batch: StepBatch, rows: slice, proximal: Tensor
     ) -> tuple[Tensor | None, Tensor]:
         """Importance weights and mask of ``rows`` from their proximal log-probs (per token)."""
@@ -470,14 +468,14 @@ class Trainer:
                 for rows in self._micro_batches(num)
             ]
         proximal, entropy, proxy = _concat(parts)
-        weights, mask, reg_mask, totals = self._select(batch, proximal, proxy)
+        sel, totals = self._select(batch, proximal, proxy)
         lr = float(self.scheduler.get_last_lr()[0])
         updates = [
-            self._update(batch, mini, proximal, proxy, mask, reg_mask, weights)
+            self._update(batch, mini, sel)
             for _epoch in range(self.config.update_epochs)
             for mini in _split(num, self.config.num_mini_batches)
         ]
-        return _step_record(batch, proximal, entropy, mask, weights, totals, updates, lr)
+        return _step_record(batch, entropy, sel, totals, updates, lr)
 
     def _provisional_loss(
         self,
@@ -493,90 +491,40 @@ class Trainer:
         weights and mask per token, Lp-Reg's step-wide set empty (a set ranked per micro-batch
         is known here) and ``num_tokens`` the denominator before any decoupled masking."""
         proximal = log_probs.detach()
-        weights, mask = self._behaviour_weights(batch, rows, proximal)
+        weights, mask = self._importance_weights(batch, rows, proximal)
         no_reg = None
         if self.loss_config.step_ranking is not None:
             no_reg = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
-        loss, _ = self._micro_loss(
-            slice(None),
-            log_probs,
-            entropy,
-            batch.advantages[rows],
-            proximal,
-            proxy,
-            mask,
-            no_reg,
-            weights,
-            num_tokens,
-        )
-        return loss
+        sel = Selection(batch.advantages[rows], proximal, proxy, mask, no_reg, weights)
+        return self._micro_loss(log_probs, entropy, sel, num_tokens)[0]
 
     def _recorded_metrics(
-        self,
-        batch: StepBatch,
-        micro_batches: Iterator[slice],
-        proximal: Tensor,
-        entropy: Tensor,
-        proxy: Tensor | None,
-        mask: Tensor,
-        reg_mask: Tensor | None,
-        weights: Tensor | None,
-        num_tokens: float,
+        self, micro_batches: Iterator[slice], entropy: Tensor, sel: Selection, num_tokens: float
     ) -> dict[str, Tensor]:
         """The loss and metrics of a one-update step's micro-batches, summed, from the
-        recorded statistics (the values the grad pass had; float64 sums)."""
+        recorded statistics (the proximal log-probs are the values the grad pass had)."""
         sums: dict[str, Tensor] = {}
         with torch.no_grad():
             for rows in micro_batches:
-                loss, metrics = self._micro_loss(
-                    rows,
-                    proximal[rows],
-                    entropy[rows],
-                    batch.advantages,
-                    proximal,
-                    proxy,
-                    mask,
-                    reg_mask,
-                    weights,
-                    num_tokens,
-                )
-                for k, v in {"loss": loss, **metrics}.items():
-                    value = v.detach().to(torch.float64)
-                    sums[k] = sums[k] + value if k in sums else value
+                part = sel[rows]
+                _accumulate(sums, *self._micro_loss(part.proximal, entropy[rows], part, num_tokens))
         return sums
 
     def _pull_coefficients(
-        self,
-        batch: StepBatch,
-        proximal: Tensor,
-        entropy: Tensor,
-        proxy: Tensor | None,
-        mask: Tensor,
-        reg_mask: Tensor | None,
-        weights: Tensor | None,
-        num_tokens: float,
+        self, entropy: Tensor, sel: Selection, num_tokens: float
     ) -> Tensor | None:
         """Per token of a one-update step, what the gradient of the loss with respect to
         log pi(o_t) gains from Lp-Reg's set: dL / d log pi(o_t) with t in R minus without, at
         the recorded values; zero outside R. None when nothing is regularised."""
+        reg_mask = sel.reg_mask
         if reg_mask is None or not bool(reg_mask.any()):
             return None
-        point = proximal.detach().clone().requires_grad_(True)
+        point = sel.proximal.detach().clone().requires_grad_(True)
         grads = []
         with torch.enable_grad():
             for reg in (reg_mask, torch.zeros_like(reg_mask)):
-                loss, _ = self._micro_loss(
-                    slice(None),
-                    point,
-                    entropy,
-                    batch.advantages,
-                    proximal,
-                    proxy,
-                    mask,
-                    reg,
-                    weights,
-                    num_tokens,
-                )
+                variant = dataclasses.replace(sel, reg_mask=reg)
+                loss, _ = self._micro_loss(point, entropy, variant, num_tokens)
                 grads.append(torch.autograd.grad(loss, point)[0])
         return torch.where(reg_mask, grads[0] - grads[1], torch.zeros_like(grads[0]))
 
@@ -611,23 +559,11 @@ class Trainer:
             self._provisional_loss(batch, rows, log_probs, ent, proxy, provisional).backward()
             parts.append((log_probs.detach(), ent.detach(), proxy))
         proximal, entropy, proxy = _concat(parts)
-        weights, mask, reg_mask, totals = self._select(batch, proximal, proxy)
-        num_tokens = self._num_tokens(mask)
+        sel, totals = self._select(batch, proximal, proxy)
+        num_tokens = self._num_tokens(sel.mask)
         self._renormalise_gradients(provisional, num_tokens)
-        sums = self._recorded_metrics(
-            batch,
-            self._micro_batches(num),
-            proximal,
-            entropy,
-            proxy,
-            mask,
-            reg_mask,
-            weights,
-            num_tokens,
-        )
-        coefficients = self._pull_coefficients(
-            batch, proximal, entropy, proxy, mask, reg_mask, weights, num_tokens
-        )
+        sums = self._recorded_metrics(self._micro_batches(num), entropy, sel, num_tokens)
+        coefficients = self._pull_coefficients(entropy, sel, num_tokens)
         if coefficients is not None:
             held = coefficients.ne(0).any(-1).nonzero().flatten().tolist()
             pulled = take_rows(batch, held)
@@ -635,7 +571,7 @@ class Trainer:
                 self._pull_loss(pulled, micro, coefficients[held]).backward()
         update = {k: float(v) for k, v in sums.items()}
         update["grad_norm"] = self._apply_gradients()
-        return _step_record(batch, proximal, entropy, mask, weights, totals, [update], lr)
+        return _step_record(batch, entropy, sel, totals, [update], lr)
 
 
 def _concat(
@@ -650,8 +586,8 @@ def _concat(
     )
 
 
-def _add_metrics(totals: dict[str, float], loss: Tensor, metrics: dict[str, Tensor]) -> None:
-    """Add a micro-batch's loss and metrics (its share of the step's) to ``totals``."""
-    totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-    for k, v in metrics.items():
-        totals[k] = totals.get(k, 0.0) + float(v.detach())
+def _accumulate(sums: dict[str, Tensor], loss: Tensor, metrics: dict[str, Tensor]) -> None:
+    """Add a micro-batch's loss and metrics (its share of the step's) to ``sums`` (float64)."""
+    for k, v in {"loss": loss, **metrics}.items():
+        value = v.detach().to(torch.float64)
+        sums[k] = sums[k] + value if k in sums else value

@@ -29,29 +29,17 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_dist_worker.py")
 TOL = 1e-6
 LP_REG = {"type": "lp_reg", "rho_neg": 0.15, "kappa": 1e-3}
+ONE_UPDATE = {
+    "prompts_per_step": 4,
+    "micro_batch_sequences": 3,
+    "max_staleness": 0,
+    "optimizer": {"lr": 1e-3},
+    "loss": LP_REG,
+}
 CASES: list[dict[str, Any]] = [
-    {
-        "name": "lp_reg",
-        "learner": {
-            "prompts_per_step": 4,
-            "micro_batch_sequences": 3,
-            "max_staleness": 0,
-            "optimizer": {"lr": 1e-3},
-            "loss": LP_REG,
-        },
-    },
-    {
-        # The same step through the statistics pass the several-update path runs first.
-        "name": "lp_reg_two_pass",
-        "single_pass": False,
-        "learner": {
-            "prompts_per_step": 4,
-            "micro_batch_sequences": 3,
-            "max_staleness": 0,
-            "optimizer": {"lr": 1e-3},
-            "loss": LP_REG,
-        },
-    },
+    {"name": "lp_reg", "learner": ONE_UPDATE},
+    # The same step through the statistics pass the several-update path runs first.
+    {"name": "lp_reg_two_pass", "single_pass": False, "learner": ONE_UPDATE},
     {
         # One update, decoupled masking (the denominator is known only after every rank's
         # forwards), two sequences per micro-batch.

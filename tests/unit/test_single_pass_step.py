@@ -116,7 +116,7 @@ def test_one_update_step_in_one_pass_equals_two_passes(
     single, model1, forwards = run_step(base, True, **learner)
     double, model2, _ = run_step(base, False, **learner)
     assert_same_step((single, model1), (double, model2))
-    # No statistics pass: one forward with grad per micro-batch (3 of 5 of the 12 sequences),
+    # No statistics pass: one forward with grad per micro-batch (3: 12 sequences, 5 at a time),
     # plus, when the step-wide ranking regularised tokens, one per 5 sequences that hold them.
     assert forwards.without_grad == 0
     pulled = LOSSES[loss]["type"] == "lp_reg" and "ranking" not in LOSSES[loss]
