@@ -15,10 +15,12 @@ The step (:class:`DistributedTrainer`) gives the same update as one process:
 - every rank holds the whole step's batch (token ids and per-token scalars, small next to the
   model) and the same deterministic plan of which sequences each rank trains, per mini-batch,
   balanced by token count (:func:`plan_rows`);
-- the no-grad pass computes each rank's rows; proximal log-probs, proxy log-probs and entropy are
-  all-gathered into the step's (S, C) layout, so the off-policy weights, Lp-Reg's step-wide
-  candidate ranking (``select_regularized``, the very function one process calls) and the metrics
-  are computed on the same tensors by every rank;
+- the statistics pass (the grad pass itself in a one-update step, a no-grad pass before several
+  updates; see services.learner.trainer) computes each rank's rows; proximal log-probs, proxy
+  log-probs and entropy are all-gathered into the step's (S, C) layout, so the off-policy
+  weights, Lp-Reg's step-wide candidate ranking (``select_regularized``, the very function one
+  process calls) and the metrics are computed on the same tensors by every rank; in a one-update
+  step each rank then runs the regularised-token pass over its own rows;
 - the loss of each rank's micro-batches uses the mini-batch's global token count as denominator
   and FSDP's gradient reduction sums (divide factor 1), so the reduced gradient is that of the
   whole mini-batch. Every rank runs the same number of forward/backward passes (FSDP's
@@ -31,7 +33,6 @@ process; the default ``ranking: step`` is what makes the update independent of N
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import logging
 import math
@@ -57,15 +58,19 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from lpreg_core.config import LearnerConfig, RunConfig
-from lpreg_core.loss import policy_loss
+from lpreg_core.loss import ProxyFilter
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
 from services.learner.checkpoint import ShardedCheckpointer
 from services.learner.trainer import (
+    Selection,
     StepBatch,
     Trainer,
+    _accumulate,
+    _concat,
     _split,
     _step_record,
     build_batch,
+    take_rows,
 )
 
 log = logging.getLogger("lpreg.learner.distributed")
@@ -163,23 +168,6 @@ def plan_rows(lengths: list[int], minis: list[slice], world: int) -> list[list[l
     return plan
 
 
-def take_rows(batch: StepBatch, rows: list[int]) -> StepBatch:
-    """The batch restricted to ``rows`` (same completion width)."""
-    index = torch.tensor(rows, dtype=torch.long, device=batch.tokens.device)
-    return dataclasses.replace(
-        batch,
-        sequences=[batch.sequences[r] for r in rows],
-        prompt_lens=[batch.prompt_lens[r] for r in rows],
-        completion_lens=[batch.completion_lens[r] for r in rows],
-        tokens=batch.tokens[index],
-        mask=batch.mask[index],
-        advantages=batch.advantages[index],
-        behaviour_log_probs=batch.behaviour_log_probs[index],
-        versions=batch.versions[index],
-        rewards=batch.rewards[index.to(batch.rewards.device)],
-    )
-
-
 def _num_micro(plan: list[list[int]], size: int) -> int:
     """Micro-batches every rank runs for one part of the plan (the busiest rank's count)."""
     return max(math.ceil(len(rows) / size) for rows in plan)
@@ -234,9 +222,58 @@ class DistributedTrainer(Trainer):
                 full[torch.tensor(rows, device=full.device)] = part[: len(rows)]
         return full
 
+    def _gather_stats(
+        self,
+        parts: list[tuple[Tensor, Tensor, Tensor | None]],
+        spare: tuple[Tensor, Tensor, Tensor | None] | None,
+        plan: list[list[int]],
+        num: int,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Each rank's (log-probs, entropy, proxy) of its micro-batches -> the step's, on every
+        rank (``spare``, a zero-weight pass's, gives the layout to a rank without rows)."""
+        if parts:
+            stats = _concat(parts)
+        else:
+            assert spare is not None
+            stats = (spare[0][:0], spare[1][:0], None if spare[2] is None else spare[2][:0])
+        local = torch.stack([t for t in stats if t is not None], dim=1)
+        full = self._gather_rows(local, plan, num)
+        return full[:, 0], full[:, 1], None if stats[2] is None else full[:, 2]
+
+    def _filler_pass(
+        self, filler: StepBatch, proxy: ProxyFilter | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
+        """A zero-weight pass (the same collectives as a real micro-batch, no gradient): its
+        loss and its statistics."""
+        log_probs, ent, proxy_log_probs = self._token_stats(filler, slice(0, 1), proxy)
+        return log_probs.sum() * 0.0 + ent.sum() * 0.0, (
+            log_probs.detach(),
+            ent.detach(),
+            proxy_log_probs,
+        )
+
+    @staticmethod
+    def _micro_slices(num_rows: int, num_micro: int, size: int) -> Iterator[slice]:
+        """``num_micro`` micro-batches of ``size`` over ``num_rows`` rows; empty slices past the
+        rows stand for the zero-weight passes of a rank short of rows."""
+        for i in range(num_micro):
+            yield slice(i * size, max(i * size, min(num_rows, (i + 1) * size)))
+
+    def _apply_gradients(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.config.optimizer.grad_clip
+        )
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
+
     def step(self, batch: StepBatch) -> dict[str, float]:
         batch = batch.to(self.device)
         self.model.eval()
+        if self.single_pass and self.config.updates_per_step == 1:
+            return self._single_pass_step(batch)
         num = len(batch.sequences)
         rank, world = self.ctx.rank, self.ctx.world_size
         minis = _split(num, self.config.num_mini_batches)
@@ -255,25 +292,63 @@ class DistributedTrainer(Trainer):
             spare = None
             for _ in range(_num_micro(step_plan, size) - len(parts)):
                 spare = self._token_stats(filler, slice(0, 1), proxy_filter)
-        first = parts[0] if parts else spare
-        assert first is not None
-        local = [torch.cat([p[0] for p in parts]) if parts else first[0][:0]]
-        local.append(torch.cat([p[1] for p in parts]) if parts else first[1][:0])
-        if first[2] is not None:
-            local.append(torch.cat([p[2] for p in parts]) if parts else first[2][:0])  # type: ignore[misc]
-        full = self._gather_rows(torch.stack(local, dim=1), step_plan[:], num)
-        proximal, entropy = full[:, 0], full[:, 1]
-        proxy = full[:, 2] if first[2] is not None else None
-        weights, mask, reg_mask, totals = self._select(batch, proximal, proxy)
+        proximal, entropy, proxy = self._gather_stats(parts, spare, step_plan, num)
+        sel, totals = self._select(batch, proximal, proxy)
         lr = float(self.scheduler.get_last_lr()[0])
         updates = [
-            self._sharded_update(
-                batch, mini, part, filler, proximal, proxy, mask, reg_mask, weights
-            )
+            self._sharded_update(batch, mini, part, filler, sel)
             for _epoch in range(self.config.update_epochs)
             for mini, part in zip(minis, plan, strict=True)
         ]
-        return _step_record(batch, proximal, entropy, mask, weights, totals, updates, lr)
+        return _step_record(batch, entropy, sel, totals, updates, lr)
+
+    def _single_pass_step(self, batch: StepBatch) -> dict[str, float]:
+        """Trainer._single_pass_step over the ranks: each rank's rows forward with grad, the
+        statistics all-gathered for the step-wide selection, each rank's regularised rows
+        pulled; every rank runs the same number of passes (zero-weight ones when short)."""
+        num = len(batch.sequences)
+        rank, world = self.ctx.rank, self.ctx.world_size
+        [plan] = plan_rows([len(s) for s in batch.sequences], [slice(0, num)], world)
+        mine = take_rows(batch, plan[rank])
+        filler = take_rows(batch, [0])
+        size = self.config.micro_batch_sequences
+        proxy_filter = self.loss_config.proxy_filter
+        lr = float(self.scheduler.get_last_lr()[0])
+        provisional = self._num_tokens(batch.mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        spare = None
+        for micro in self._micro_slices(len(plan[rank]), _num_micro(plan, size), size):
+            if micro.stop > micro.start:
+                log_probs, ent, proxy = self._token_stats(mine, micro, proxy_filter)
+                loss = self._provisional_loss(mine, micro, log_probs, ent, proxy, provisional)
+                parts.append((log_probs.detach(), ent.detach(), proxy))
+            else:
+                loss, spare = self._filler_pass(filler, proxy_filter)
+            loss.backward()
+        proximal, entropy, proxy = self._gather_stats(parts, spare, plan, num)
+        sel, totals = self._select(batch, proximal, proxy)
+        num_tokens = self._num_tokens(sel.mask)
+        self._renormalise_gradients(provisional, num_tokens)
+        index = torch.tensor(plan[rank], dtype=torch.long, device=self.device)
+        sums = self._recorded_metrics(
+            self._micro_batches(len(plan[rank])), entropy[index], sel[index], num_tokens
+        )
+        coefficients = self._pull_coefficients(entropy, sel, num_tokens)
+        if coefficients is not None:
+            held = coefficients.ne(0).any(-1).tolist()
+            pulled = [[r for r in rows if held[r]] for rows in plan]
+            sub = take_rows(batch, pulled[rank])
+            sub_coefficients = coefficients[pulled[rank]]
+            for micro in self._micro_slices(len(pulled[rank]), _num_micro(pulled, size), size):
+                if micro.stop > micro.start:
+                    loss = self._pull_loss(sub, micro, sub_coefficients)
+                else:
+                    loss, _ = self._filler_pass(filler)
+                loss.backward()
+        update = self._sum_over_ranks(sums)
+        update["grad_norm"] = self._apply_gradients()
+        return _step_record(batch, entropy, sel, totals, [update], lr)
 
     def _sharded_update(
         self,
@@ -281,68 +356,27 @@ class DistributedTrainer(Trainer):
         mini: slice,
         plan: list[list[int]],
         filler: StepBatch,
-        proximal: Tensor,
-        proxy: Tensor | None,
-        mask: Tensor,
-        reg_mask: Tensor | None,
-        weights: Tensor | None,
+        sel: Selection,
     ) -> dict[str, float]:
         """One optimiser update on this rank's rows of ``mini``; the denominator is the whole
         mini-batch's, the metrics are summed over ranks."""
-        lp = self.loss_config
-        sub = mask[mini]
-        if lp.loss_agg_mode == "seq-mean-token-mean":
-            num_tokens = float((sub.sum(-1) > 0).sum())
-        else:
-            num_tokens = float(sub.sum())
+        num_tokens = self._num_tokens(sel.mask[mini])
         rows = plan[self.ctx.rank]
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
         mine = take_rows(batch, rows)
-
-        def local(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[index]
-
-        l_proximal, l_proxy, l_mask = local(proximal), local(proxy), local(mask)
-        l_reg, l_weights = local(reg_mask), local(weights)
-        assert l_proximal is not None and l_mask is not None
+        local = sel[torch.tensor(rows, dtype=torch.long, device=self.device)]
         size = self.config.micro_batch_sequences
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, Tensor] = {}
-        for i in range(_num_micro(plan, size)):
-            micro = slice(i * size, min(len(rows), (i + 1) * size))
-            real = micro.stop > micro.start
-            source, at = (mine, micro) if real else (filler, slice(0, 1))
-            log_probs, ent, _ = self._token_stats(source, at, None)
-            if real:
-                loss, metrics = policy_loss(
-                    log_probs,
-                    l_proximal[at],
-                    None if l_proxy is None else l_proxy[at],
-                    mine.advantages[at],
-                    l_mask[at],
-                    config=lp,
-                    num_tokens=num_tokens,
-                    reg_mask=None if l_reg is None else l_reg[at],
-                    behaviour_weights=None if l_weights is None else l_weights[at],
-                    entropy=ent if lp.needs_entropy_grad else None,
-                )
+        for at in self._micro_slices(len(rows), _num_micro(plan, size), size):
+            if at.stop > at.start:
+                log_probs, ent, _ = self._token_stats(mine, at, None)
+                loss, metrics = self._micro_loss(log_probs, ent, local[at], num_tokens)
+                _accumulate(sums, loss, metrics)
             else:
-                # Same collectives as a real micro-batch, no contribution to the gradient.
-                loss = log_probs.sum() * 0.0 + ent.sum() * 0.0
-                metrics = {}
+                loss, _ = self._filler_pass(filler)
             loss.backward()
-            for k, v in {"loss": loss, **metrics}.items():
-                value = v.detach().to(torch.float64) if isinstance(v, Tensor) else v
-                sums[k] = sums.get(k, 0.0) + value  # type: ignore[assignment,operator]
         totals = self._sum_over_ranks(sums)
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.config.optimizer.grad_clip
-        )
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        totals["grad_norm"] = float(norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        totals["grad_norm"] = self._apply_gradients()
         return totals
 
     def _sum_over_ranks(self, sums: dict[str, Tensor]) -> dict[str, float]:

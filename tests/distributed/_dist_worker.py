@@ -2,8 +2,8 @@
 
     torchrun --standalone --nproc-per-node N _dist_worker.py SPEC_JSON
 
-For each of spec["cases"] (a name, a learner config, activation_checkpointing): a fresh tiny
-model, one DistributedTrainer step on the groups in spec["groups"]; rank 0 writes the step's
+For each of spec["cases"] (a name, a learner config, activation_checkpointing, single_pass): a
+fresh tiny model, one DistributedTrainer step on the groups in spec["groups"]; rank 0 writes the step's
 metrics (<name>/stats.json), the full gradients as the last update left them
 (<name>/grads.safetensors) and the full parameters after the step (<name>/params.safetensors)
 under spec["out"]. With spec["save"] (a directory), after the last case: a ShardedCheckpointer
@@ -117,6 +117,7 @@ def main() -> None:
         trainer = DistributedTrainer(
             model, config, ctx, activation_checkpointing=bool(case.get("activation_checkpointing"))
         )
+        trainer.single_pass = case.get("single_pass", True)
         stats = trainer.step(batch)
         grads, params = grads_and_params(model)
         if ctx.rank == 0:

@@ -1,5 +1,6 @@
 """The FSDP2 learner across real processes (torchrun, Gloo, CPU, float64, the tiny model):
-2 and 4 ranks give the step one process gives, Lp-Reg's ranking included, and a sharded
+2 and 4 ranks give the step one process gives, Lp-Reg's ranking included, one-update steps in
+one pass and through the statistics pass, and a sharded
 checkpoint written by 2 ranks resumes on 4 ranks and in one plain process."""
 
 from __future__ import annotations
@@ -28,15 +29,28 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_dist_worker.py")
 TOL = 1e-6
 LP_REG = {"type": "lp_reg", "rho_neg": 0.15, "kappa": 1e-3}
+ONE_UPDATE = {
+    "prompts_per_step": 4,
+    "micro_batch_sequences": 3,
+    "max_staleness": 0,
+    "optimizer": {"lr": 1e-3},
+    "loss": LP_REG,
+}
 CASES: list[dict[str, Any]] = [
+    {"name": "lp_reg", "learner": ONE_UPDATE},
+    # The same step through the statistics pass the several-update path runs first.
+    {"name": "lp_reg_two_pass", "single_pass": False, "learner": ONE_UPDATE},
     {
-        "name": "lp_reg",
+        # One update, decoupled masking (the denominator is known only after every rank's
+        # forwards), two sequences per micro-batch.
+        "name": "lp_reg_decoupled",
         "learner": {
             "prompts_per_step": 4,
-            "micro_batch_sequences": 3,
-            "max_staleness": 0,
+            "micro_batch_sequences": 2,
+            "max_staleness": 1,
+            "off_policy": {"type": "decoupled", "cap": 4.0},
             "optimizer": {"lr": 1e-3},
-            "loss": LP_REG,
+            "loss": {**LP_REG, "rho_neg": 0.3},
         },
     },
     {
@@ -93,6 +107,7 @@ def one_process(case: dict[str, Any], groups: Path) -> tuple[dict[str, float], t
     if case["name"] not in _ONE_PROCESS:
         model = fresh_model()
         trainer = Trainer(model, LearnerConfig.model_validate(case["learner"]))
+        trainer.single_pass = case.get("single_pass", True)
         stats = trainer.step(build_batch(load_groups(str(groups)), "std"))
         _ONE_PROCESS[case["name"]] = stats, model
     return _ONE_PROCESS[case["name"]]
