@@ -16,7 +16,9 @@ The learner side runs in this process, two generator-side members run as process
 project_s and raw_s are medians of --repeats (after one warm-up of each, alternating);
 efficiency = raw_s / project_s. pause_s is how long a member spends in a publish (from the
 start of its receive until the last tensor is loaded and verified), the larger of the two
-members, median. project_plan_s (planning and sending the manifest) and project_broadcast_s
+members, median. sender_peak_growth_bytes is the most the learner's resident memory grew in a
+timed publish (the first publish, which allocates the reused bucket buffers, is reported apart):
+buckets, never the model. project_plan_s (planning and sending the manifest) and project_broadcast_s
 (packing, sending, authenticating, confirming) split project_s.
 
 The default state dict is 1 GB, the issue's size (every process holds the model once more plus
@@ -59,6 +61,14 @@ when one layer of that width would not fit the requested bytes)."""
 JOIN_TIMEOUT_S = 60.0
 SEND_TIMEOUT_S = 300.0
 WORKER_START_TIMEOUT_S = 120.0
+
+
+def rss_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM at most)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def free_port() -> int:
@@ -224,8 +234,12 @@ def run(num_bytes: int, repeats: int, bucket_bytes: int, log: IO) -> dict[str, A
                     raise RuntimeError("a member failed to start")
 
             layout = layout_of(state.items())  # the publisher learns it once
+            sender_growth: list[int] = []
 
             def project(version: int) -> tuple[float, float, float]:
+                # Restart the peak resident set (Linux) to see what the publish adds on the learner.
+                Path("/proc/self/clear_refs").write_text("5")
+                rss_before = rss_bytes("VmRSS")
                 start = time.perf_counter()
                 manifest = plan_manifest(version, layout, bucket_bytes)
                 text = manifest_to_proto(manifest).SerializeToString().hex()
@@ -235,6 +249,7 @@ def run(num_bytes: int, repeats: int, bucket_bytes: int, log: IO) -> dict[str, A
                 with torch.no_grad():
                     sender.send_weights(manifest, state.items(), SEND_TIMEOUT_S)
                 end = time.perf_counter()
+                sender_growth.append(rss_bytes("VmHWM") - rss_before)
                 pause = max(m.reply()["pause_s"] for m in members)
                 return end - start, planned - start, pause
 
@@ -276,6 +291,10 @@ def run(num_bytes: int, repeats: int, bucket_bytes: int, log: IO) -> dict[str, A
         "project_broadcast_s": statistics.median(r[0] - r[1] for r in project_runs),
         "efficiency_broadcast_only": raw_s / statistics.median(r[0] - r[1] for r in project_runs),
         "project_all_s": [r[0] for r in project_runs],
+        # Most the learner's resident memory grew during one publish (its reused bucket buffers
+        # are allocated in the warm-up): never a copy of the model.
+        "sender_peak_growth_bytes": max(sender_growth[1:]),
+        "sender_first_publish_growth_bytes": sender_growth[0],
         "raw_all_s": [r[0] for r in raw_runs],
         "load_average_1m": os.getloadavg()[0],
     }

@@ -119,7 +119,8 @@ class WeightSender:
         # Bucket buffers kept between buckets and publishes, and the thread that authenticates
         # a bucket while it is on the wire.
         self._spare: list[torch.Tensor] = []
-        self._lent: list[torch.Tensor] = []
+        # Buffers of the buckets on their way, by address.
+        self._lent: dict[int, torch.Tensor] = {}
         self._hash_pool: ThreadPoolExecutor | None = None
 
     @property
@@ -304,18 +305,20 @@ class WeightSender:
                 break
         else:
             buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
-        self._lent.append(buffer)
+        if bucket.nbytes > 0:
+            self._lent[buffer.untyped_storage().data_ptr()] = buffer
         return buffer[: bucket.nbytes].view(dtype_from_name(bucket.dtype))
 
     def _give_back(self, flat: torch.Tensor) -> None:
-        """Keep the buffer under ``flat`` (the largest few) if it is one of ours."""
-        for i, buffer in enumerate(self._lent):
-            if flat._base is buffer:
-                del self._lent[i]
-                self._spare.append(buffer)
-                self._spare.sort(key=lambda b: b.numel(), reverse=True)
-                del self._spare[MAX_BUCKETS_IN_FLIGHT:]
-                return
+        """Keep the buffer under ``flat`` (the largest few) if it is one of ours (a bucket sent
+        from a tensor of the weights is not)."""
+        if flat.numel() == 0:
+            return
+        buffer = self._lent.pop(flat.untyped_storage().data_ptr(), None)
+        if buffer is not None:
+            self._spare.append(buffer)
+            self._spare.sort(key=lambda b: b.numel(), reverse=True)
+            del self._spare[MAX_BUCKETS_IN_FLIGHT:]
 
     def _send_buckets(
         self,
@@ -328,7 +331,7 @@ class WeightSender:
         if group is None or keys is None:
             raise RuntimeError("send() needs an open epoch: call open_epoch() first")
         hasher = self._hasher()
-        self._lent = []
+        self._lent = {}
         macs: list[Future[bytes] | None] = [None] * num_buckets
         in_flight: deque[_InFlight] = deque()
         device = self.device
@@ -407,7 +410,7 @@ class WeightSender:
         self.close_epoch()
         self._store = None
         self._epoch_store = None
-        self._spare = []
+        self._spare, self._lent = [], {}
         if self._hash_pool is not None:
             self._hash_pool.shutdown(wait=True)
             self._hash_pool = None

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,26 @@ def test_the_learner_gathers_each_bucket_only_while_the_one_before_is_on_the_wir
 
     monkeypatch.setattr(_Group, "start_broadcast", spy_start)
     monkeypatch.setattr(_Group, "wait", spy_wait)
+    # Every bucket buffer the learner allocates, alive until its memory is freed.
+    buffers = {"live": 0, "peak": 0, "allocated": 0}
+    take_buffer = WeightSender._take_buffer
+
+    def freed() -> None:
+        buffers["live"] -= 1
+
+    def spy_take(self: WeightSender, bucket: Any, device: torch.device) -> torch.Tensor:
+        flat = take_buffer(self, bucket, device)
+        storage = flat.untyped_storage()
+        if storage.data_ptr() not in seen_storages:
+            seen_storages.add(storage.data_ptr())
+            buffers["allocated"] += 1
+            buffers["live"] += 1
+            buffers["peak"] = max(buffers["peak"], buffers["live"])
+            weakref.finalize(storage, freed)
+        return flat
+
+    seen_storages: set[int] = set()
+    monkeypatch.setattr(WeightSender, "_take_buffer", spy_take)
 
     def gather() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in weights.items():
@@ -300,6 +321,8 @@ def test_the_learner_gathers_each_bucket_only_while_the_one_before_is_on_the_wir
     # One broadcast per bucket (they are smaller than a wire chunk), each started as soon as its
     # second tensor was gathered; the MACs follow the last.
     assert gathered_when_sent == [2, 4, 6, 8, 10, 12, 12]
+    # Two bucket buffers, reused bucket after bucket, never one per bucket.
+    assert buffers["allocated"] == buffers["peak"] == 2, buffers
     # Every member offered every MAC this installation has: the epoch uses the fastest.
     assert sender._group is not None and sender._group.mac == MAC_ALGORITHMS[0]
     # Bucket k (tensors 2k, 2k + 1) is gathered only after bucket k - 2 was sent.
