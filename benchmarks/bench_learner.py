@@ -2,18 +2,20 @@
 
 Both sides run on CPU in this process, on the same model and the same token sequences:
 
-  step   services.learner.trainer.Trainer.step with the tiny task's Lp-Reg loss: the no-grad
-         pass (step-start log-probs, entropy and the min-p proxy, for the off-policy weights and
-         the Lp-Reg ranking), then forward+backward through the fused token statistics, gradient
-         clipping and the AdamW update.
+  step   services.learner.trainer.Trainer.step with the tiny task's Lp-Reg loss, one update per
+         step: one forward+backward per micro-batch through the fused token statistics (the
+         step-start log-probs, entropy and min-p proxy come from that pass), plus a pass over
+         the sequences that hold regularised tokens when Lp-Reg selects any, gradient clipping
+         and the AdamW update.
   bare   forward+backward of transformers' own causal-LM loss (full logits, cross-entropy) over
          the same sequences and micro-batches: the least a training step can cost.
 
 tokens_per_s counts every token of the batch (prompt + completion) per step;
-ratio = step tokens/s over bare tokens/s (medians of --repeats after one warm-up of each).
-The step does the bare work plus a no-grad forward; ratio_vs_forward_plus_bare compares it with
-that floor (a no-grad forward of the same sequences, timed, plus the bare forward+backward), so
-what the project's path itself costs shows apart from what the algorithm needs.
+ratio = step tokens/s over bare tokens/s (medians of --repeats after one warm-up of each). The
+step computes its statistics over completion tokens only, the bare loss over every token, so a
+ratio above 1 is possible. ratio_vs_forward_plus_bare compares the step with the two-pass floor
+(a no-grad forward of the same sequences, timed, plus the bare forward+backward) that a step of
+several updates pays.
 
     .venv/bin/python benchmarks/bench_learner.py [--repeats 3] [--threads 1]
     .venv/bin/python benchmarks/bench_learner.py --smoke

@@ -4,8 +4,11 @@ A publish sends the full set of policy weights as a few large collective calls i
 tensor. Tensors are grouped by dtype and laid end to end in flat "buckets" of at most
 ``bucket_bytes`` (a tensor is never split; one larger than ``bucket_bytes`` gets a bucket of its
 own). The :class:`WeightManifest` says where every tensor lives (bucket, element offset, shape,
-dtype) and carries a sha256 over the raw bytes of all buckets in bucket order, so a receiver can
-preallocate its buffers before the collective starts and verify what arrived afterwards.
+dtype) and a ``checksum`` naming the publish, so a receiver can preallocate its buffers before
+the collective starts. :func:`build_manifest` packs everything up front and names the publish by a
+sha256 over the bytes (tests and tools); the learner plans its manifest from the layout alone
+(``lpreg_core.weight_sync.plan_manifest``) and authenticates each bucket with a MAC as it goes
+(``services.weight_sync``).
 
 The manifest travels over gRPC (``control_pb2.WeightManifest``) ahead of the tensors; this module
 converts both ways and validates what it receives. Nothing here touches the network.

@@ -29,7 +29,7 @@ PY=.venv/bin/python
 # generated with.
 PACKAGES=(
   pydantic pydantic-core annotated-types typing-inspection
-  redis grpcio grpcio-health-checking protobuf
+  redis grpcio grpcio-health-checking protobuf blake3
   math-verify latex2sympy2-extended antlr4-python3-runtime
 )
 # Liger-Kernel, the anchor of the fused-loss benchmark (pure Python on top of torch and triton).

@@ -405,6 +405,14 @@ def full_weights(
         )
 
 
+def weights_layout(
+    model: torch.nn.Module, dtype: torch.dtype
+) -> list[tuple[str, torch.Size, torch.dtype]]:
+    """(name, full shape, ``dtype``) of what :func:`full_weights` yields, from the parameters'
+    metadata alone (a sharded parameter reports its full shape): no gather, no collective."""
+    return [(name.replace(_WRAPPED, ""), p.shape, dtype) for name, p in model.named_parameters()]
+
+
 # Commands rank 0 sends to the other ranks, who then take part in the matching collective.
 STEP, WEIGHTS, SAVE, RESTORE, EVALUATE, FINAL_MODEL, STOP = (
     "step",

@@ -39,7 +39,7 @@ from services.learner.checkpoint import (
     latest_checkpoint,
 )
 from services.learner.control import LearnerControlServicer, generator_status
-from services.learner.distributed import Sharded
+from services.learner.distributed import Sharded, weights_layout
 from services.learner.evaluate import greedy_accuracy
 from services.learner.loop import LearnerLoop
 from services.learner.metrics import BACKLOG_REFRESH_S, LearnerMetrics
@@ -130,6 +130,7 @@ def build_learner(
         config.broadcast,
         config.broadcast.advertise_host or config.broadcast.store_host,
         metrics,
+        layout=lambda: weights_layout(model, wire),
     )
     source = make_source(config.task)
     eval_problems = source.eval_problems(config.learner.eval_prompts)

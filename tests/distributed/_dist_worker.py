@@ -25,13 +25,16 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lpreg_core.config import LearnerConfig
+from lpreg_core.weight_sync import layout_of
 from lpreg_core.wire.lpreg.v1 import rollout_pb2
 from services.learner.checkpoint import ShardedCheckpointer
 from services.learner.distributed import (
     DistributedTrainer,
     decode_groups,
     encode_groups,
+    full_weights,
     init_distributed,
+    weights_layout,
 )
 from services.learner.trainer import build_batch
 
@@ -119,6 +122,9 @@ def main() -> None:
         )
         trainer.single_pass = case.get("single_pass", True)
         stats = trainer.step(batch)
+        # The broadcast's layout, from the shards' metadata, is what the gathered weights are.
+        gathered = layout_of(full_weights(model, torch.bfloat16))
+        assert weights_layout(model, torch.bfloat16) == gathered, "layout differs from weights"
         grads, params = grads_and_params(model)
         if ctx.rank == 0:
             where = out / case["name"]
