@@ -1,22 +1,29 @@
 """Synchronous vs asynchronous training of the tiny task, same loads, same run; prints one JSON.
 
 Two real local deployments (redis-server, the learner, one generator: services.local.cluster),
-one after the other, differing only in learner.max_staleness: 0 (synchronous on-policy: the
-generator samples while the learner waits, then the learner trains while the generator waits)
+one after the other (the pair repeated --repeats times), differing only in learner.max_staleness:
+0 (synchronous on-policy: the generator samples while the learner waits, then the learner trains
+while the generator waits)
 and --async-staleness (default 2: the generator samples the next steps' groups while the learner
 trains). The learner is pinned to CPU 0 and the generator to CPU 1 (sched_setaffinity, one
 thread each), so the asynchronous run can overlap the two on a 2-core machine. The loads are set
 so a step's generation and training take similar time (--prompts-per-step, --samples,
 --max-new-tokens, --updates-per-step); the synchronous run's mean wait_s (generation) and
-train_s show the balance as measured (gen_s, train_s).
+train_s show the balance as measured (gen_s, train_s). A tiny model's sampling costs per prompt
+(one batched generate call per prompt), its training per sequence: 24 prompts x 4 samples balance
+the two on one core each.
 
   *_s_per_step          wall clock per step from the learner's metrics log, from the end of step
                         --warmup-steps to the end of step S (start-up excluded)
-  speedup               sync_s_per_step / async_s_per_step (goal >= 1.6 on 2 cores)
+                        (the median over the repeats; *_s_per_step_all lists each run)
+  speedup               sync_s_per_step / async_s_per_step (goal >= 1.6 on 2 cores);
+                        speedup_all gives each pair's own ratio
   *_wasted_fraction     generated tokens never trained / all generated tokens that reached the
-                        learner (summary.json; goal <= 0.05 for the asynchronous run)
+                        learner (summary.json; goal <= 0.05 for the asynchronous run); the worst
+                        run of the repeats
   *_final_reward        mean training reward over the last fifth of the steps (the speed-up must
-                        not cost learning); *_first_reward over the first fifth
+                        not cost learning), first pair; *_first_reward over the first fifth
+  sync, async           the first pair's runs in detail
 
     .venv/bin/python benchmarks/bench_async.py [--steps 40]
     .venv/bin/python benchmarks/bench_async.py --smoke
@@ -119,8 +126,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps of each run (S)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of s/step")
     parser.add_argument("--async-staleness", type=int, default=2)
-    parser.add_argument("--prompts-per-step", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=8, help="completions per prompt")
+    parser.add_argument("--prompts-per-step", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--repeats", type=int, default=3, help="sync/async pairs (median)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--updates-per-step", type=int, default=1, help="optimiser updates")
     parser.add_argument(
@@ -132,9 +140,16 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.warmup_steps, args.prompts_per_step, args.updates_per_step = 3, 1, 4, 1
+        args.repeats = 1
     base = args.run_dir or Path(tempfile.mkdtemp(prefix="lpreg-bench-async-"))
-    sync = run_once(args, 0, base / "sync")
-    async_ = run_once(args, args.async_staleness, base / "async")
+    # Pairs back to back, so a change in the machine's load reaches both sides of a pair.
+    syncs, asyncs = [], []
+    for i in range(args.repeats):
+        syncs.append(run_once(args, 0, base / f"sync{i}"))
+        asyncs.append(run_once(args, args.async_staleness, base / f"async{i}"))
+    sync, async_ = syncs[0], asyncs[0]
+    sync_s = statistics.median(r["s_per_step"] for r in syncs)
+    async_s = statistics.median(r["s_per_step"] for r in asyncs)
     result: dict[str, Any] = {
         "steps": args.steps,
         "async_max_staleness": args.async_staleness,
@@ -142,11 +157,17 @@ def main() -> int:
         "samples": args.samples,
         "max_new_tokens": args.max_new_tokens,
         "updates_per_step": args.updates_per_step,
-        "sync_s_per_step": sync["s_per_step"],
-        "async_s_per_step": async_["s_per_step"],
-        "speedup": sync["s_per_step"] / async_["s_per_step"],
-        "sync_wasted_fraction": sync["wasted_fraction"],
-        "async_wasted_fraction": async_["wasted_fraction"],
+        "repeats": args.repeats,
+        "sync_s_per_step": sync_s,
+        "async_s_per_step": async_s,
+        "speedup": sync_s / async_s,
+        "sync_s_per_step_all": [r["s_per_step"] for r in syncs],
+        "async_s_per_step_all": [r["s_per_step"] for r in asyncs],
+        "speedup_all": [
+            a["s_per_step"] / b["s_per_step"] for a, b in zip(syncs, asyncs, strict=True)
+        ],
+        "sync_wasted_fraction": max(r["wasted_fraction"] for r in syncs),
+        "async_wasted_fraction": max(r["wasted_fraction"] for r in asyncs),
         "sync_final_reward": sync["final_reward"],
         "async_final_reward": async_["final_reward"],
         "sync": sync,
