@@ -51,8 +51,6 @@ def port_problem(host: str, port: int, setting: str, hint: str = "") -> str | No
         # As the servers themselves bind: connections of a killed predecessor lingering in
         # TIME_WAIT must not count as "in use" (a restarted learner takes its ports back).
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # As the servers do: connections of a just-stopped process (TIME_WAIT) do not count.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             s.listen()

@@ -9,6 +9,7 @@ import ctypes
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -43,7 +44,35 @@ def die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+# Where free_port looks first: above the well-known and most registered service ports.
+_FIXED_PORTS_FROM = 20000
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; else IANA's)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now, below the ephemeral range when there is room: services are
+    restarted on the ports first picked, and a port of that range could meanwhile become the
+    local end of some outgoing connection (a generator reconnecting, a client), which makes the
+    restart fail with "address in use"."""
+    low, _high = _ephemeral_ports()
+    if low > _FIXED_PORTS_FROM + 1000:
+        rng = random.SystemRandom()
+        for _ in range(100):
+            port = rng.randrange(_FIXED_PORTS_FROM, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -158,6 +158,10 @@ class BucketStream:
     def _land_next(self) -> list[tuple[str, torch.Tensor]]:
         """Wait for the next bucket (started now if it was not yet), hand its chunks to the
         authenticating thread as they land; its tensors, last one first."""
+        if self._incoming is None and self._previous is not None and self._previous() is not None:
+            # The bucket before the current one may still be held by its authentication: the
+            # worker thread runs in order, so once that bucket's MAC is done it has let go.
+            self._macs[-2].result()
         incoming = self._incoming or self._start(self.manifest.buckets[self._next_bucket])
         self._incoming = None
         self._next_bucket += 1
