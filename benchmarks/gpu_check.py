@@ -458,6 +458,18 @@ def speed_with_fallback(
     return result
 
 
+def run_in_repo(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """``argv`` run from the repository root, its output captured as text, unbuffered."""
+    return subprocess.run(
+        argv,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 
@@ -483,14 +495,7 @@ def end_to_end(
     for o in overrides:
         argv += ["--set", o]
     start = time.perf_counter()
-    proc = subprocess.run(
-        argv,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = run_in_repo(argv, timeout_s)
     wall = time.perf_counter() - start
     result: dict[str, Any] = {
         "command": "lpreg local examples/tiny/config.yaml "
@@ -533,14 +538,7 @@ def end_to_end(
 def subprocess_json(argv: list[str], out: Path, timeout_s: float) -> dict[str, Any]:
     """Run ``argv`` (which writes one JSON object to ``out``) and return that object; a run that
     fails or writes nothing is a failed part with the end of its output."""
-    proc = subprocess.run(
-        argv,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = run_in_repo(argv, timeout_s)
     if proc.returncode != 0 or not out.exists():
         return {
             "ok": False,
