@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -244,7 +246,13 @@ def run_learner(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     sharded = Sharded.from_env(config)
     if sharded is not None and not sharded.ctx.is_main:
         sharded.follow(config)  # ranks > 0: no Redis, gRPC or metrics; rank 0 leads
-        return {}
+        # The run is done and the process group gone: end here. An interpreter exit would run
+        # the distributed runtime's C++ destructors, which can abort (SIGABRT) on a thread still
+        # joinable, and torchrun would report the finished run as failed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     log.info("resolved config:\n%s", dump_config(config))
     # After a failure the other ranks may sit in a collective: rank 0's exit has torchrun stop
     # them. Only a run that returns releases them.
